@@ -1,0 +1,231 @@
+"""Stage 4, assemble: the forged wheel from the base wheel, without recompressing what did not change.
+
+Unchanged members are copied as raw byte ranges (local header + compressed data) with
+os.copy_file_range; only the overlay files, the FA4 tree and the dist-info are written anew.
+The base wheel's sha256 is computed by a second thread during the copy, so the base is
+read once. Every new member gets the timestamp of SOURCE_DATE_EPOCH.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import io
+import hashlib
+import os
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import BinaryIO
+
+from installer.records import Hash, RecordEntry, parse_record_file
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from .errors import ForgeError
+from .fetch import CHUNK, Progress, safe_member_name
+
+FILE_MODE = 0o100644 << 16
+
+
+def open_wheel(path: Path) -> zipfile.ZipFile:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ForgeError(f"base wheel {path} is corrupt or truncated: {e}",
+                         "delete it and download it again") from None
+    for info in zf.infolist():
+        safe_member_name(info.filename, str(path))
+    return zf
+
+
+def dist_info_dir(zf: zipfile.ZipFile, origin: str) -> str:
+    dirs = {n.split("/", 1)[0] for n in zf.namelist() if n.split("/", 1)[0].endswith(".dist-info")}
+    if len(dirs) != 1:
+        raise ForgeError(f"{origin} has {len(dirs)} .dist-info directories", "not a valid wheel")
+    return dirs.pop()
+
+
+def metadata_version(zf: zipfile.ZipFile, dist_info: str) -> str:
+    return str(HeaderParser().parsestr(zf.read(f"{dist_info}/METADATA").decode())["Version"])
+
+
+def record_entry(path: str, data: bytes) -> RecordEntry:
+    digest = hashlib.sha256(data).digest()
+    value = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return RecordEntry(path, Hash("sha256", value), len(data))
+
+
+def merge_requires(metadata: str, new_version: str, requires: list[str]) -> str:
+    """METADATA with the new Version and Requires-Dist merged with `requires` (specifier intersection)."""
+    head, sep, body = metadata.partition("\n\n")
+    lines = head.split("\n")
+    todo = {canonicalize_name(Requirement(r).name): Requirement(r) for r in requires}
+    merged: set[str] = set()
+    last_req = max((i for i, ln in enumerate(lines) if ln.startswith("Requires-Dist:")), default=len(lines) - 1)
+    for i, ln in enumerate(lines):
+        if ln.startswith("Version:"):
+            lines[i] = f"Version: {new_version}"
+        elif ln.startswith("Requires-Dist:"):
+            try:
+                req = Requirement(ln.split(":", 1)[1].strip())
+            except InvalidRequirement:
+                continue
+            key = canonicalize_name(req.name)
+            if key in todo and (req.marker is None or "extra" not in str(req.marker)):
+                req.specifier &= todo[key].specifier
+                lines[i] = f"Requires-Dist: {req}"
+                merged.add(key)
+    extra = [f"Requires-Dist: {todo[k]}" for k in todo if k not in merged]
+    lines[last_req + 1:last_req + 1] = extra
+    return "\n".join(lines) + sep + body
+
+
+@dataclass(frozen=True)
+class Forged:
+    filename: str
+    version: str
+    dist_info: str
+
+
+def forged_names(base: Path, zf: zipfile.ZipFile, label: str) -> Forged:
+    name, version, _build, _tags = parse_wheel_filename(base.name)
+    new_version = f"{version.public}+{label}"
+    tag_part = base.name[:-4].split("-", 2)[2]
+    dist_name = str(name).replace("-", "_")
+    return Forged(f"{dist_name}-{new_version}-{tag_part}.whl", new_version, f"{dist_name}-{new_version}.dist-info")
+
+
+def _hash_file(path: Path, out: list[str]) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    out.append(h.hexdigest())
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, progress: Progress) -> None:
+    dst.flush()
+    sfd, dfd = src.fileno(), dst.fileno()
+    pos = start
+    while length > 0:
+        try:
+            n = os.copy_file_range(sfd, dfd, min(length, 1 << 30), pos)
+        except OSError:  # e.g. across file systems on old kernels
+            n = 0
+        if n == 0:
+            src.seek(pos)
+            n = min(length, CHUNK)
+            dst.write(src.read(n))
+            dst.flush()
+        pos += n
+        length -= n
+        progress.advance(n)
+    dst.seek(0, os.SEEK_END)
+
+
+def assemble(base: Path, base_sha256: str, expect_version: str, out_tmp: Path, *, label: str,
+             drop_prefixes: tuple[str, ...], replace: dict[str, bytes], add: dict[str, bytes],
+             requires: list[str], stamp: tuple[str, bytes], epoch: int) -> Forged:
+    """Write the forged wheel to out_tmp. Members under drop_prefixes and in replace are
+    not copied; replace + add are written anew; dist-info is renamed, METADATA merged, RECORD
+    regenerated. Raises ForgeError if the base is not the pinned one."""
+    date_time = time.gmtime(max(epoch, 315532800))[:6]  # zip cannot go before 1980
+    digest: list[str] = []
+    hasher = threading.Thread(target=_hash_file, args=(base, digest), daemon=True)
+    hasher.start()
+    with open_wheel(base) as zin:
+        di = dist_info_dir(zin, str(base))
+        got_version = metadata_version(zin, di)
+        if got_version != expect_version:
+            raise ForgeError(f"base wheel {base.name} is vLLM {got_version}, not {expect_version}",
+                             f"pass the vLLM {expect_version} wheel, or --vllm {got_version}")
+        names = forged_names(base, zin, label)
+        base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
+        infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
+        ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
+        keep = [(i, e) for i, e in zip(infos, ends)
+                if not i.filename.startswith((di + "/",) + drop_prefixes) and i.filename not in replace]
+        records: list[RecordEntry] = []
+        total = sum(e - i.header_offset for i, e in keep)
+        progress = Progress(f"repacking {base.name}", total)
+        with open(base, "rb") as src, open(out_tmp, "wb") as raw, \
+                zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
+            run_start = run_end = -1
+            runs: list[tuple[int, int]] = []
+            for info, end in keep:
+                if info.header_offset != run_end:
+                    if run_end > run_start:
+                        runs.append((run_start, run_end))
+                    run_start = info.header_offset
+                run_end = end
+            if run_end > run_start:
+                runs.append((run_start, run_end))
+            new_offset: dict[int, int] = {}
+            for start, end in runs:
+                out_start = raw.tell()
+                _copy_range(src, raw, start, end - start, progress)
+                new_offset[start] = out_start - start
+            progress.close()
+            shift = 0
+            run_iter = iter(runs)
+            current = next(run_iter, None)
+            for info, _end in keep:
+                while current is not None and not (current[0] <= info.header_offset < current[1]):
+                    current = next(run_iter, None)
+                assert current is not None
+                shift = new_offset[current[0]]
+                clone = copy.copy(info)
+                clone.header_offset = info.header_offset + shift
+                zout.filelist.append(clone)
+                zout.NameToInfo[clone.filename] = clone
+                if info.filename in base_record:
+                    h, s = base_record[info.filename]
+                    records.append(RecordEntry.from_elements(info.filename, h, s))
+                else:
+                    records.append(record_entry(info.filename, zin.read(info)))
+            zout.start_dir = raw.tell()
+            zout._didModify = True  # noqa: SLF001 - raw-copied members, central directory by zipfile
+
+            def write(name: str, data: bytes) -> None:
+                zi = zipfile.ZipInfo(name, date_time)
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                zi.external_attr = FILE_MODE
+                zi.create_system = 3
+                zout.writestr(zi, data, compresslevel=6)
+                records.append(record_entry(name, data))
+
+            for name in sorted(replace):
+                write(name, replace[name])
+            for name in sorted(add):
+                write(name, add[name])
+            meta = merge_requires(zin.read(f"{di}/METADATA").decode(), names.version, requires)
+            write(f"{names.dist_info}/METADATA", meta.encode())
+            for info in zin.infolist():
+                if info.filename.startswith(di + "/") and info.filename.rsplit("/", 1)[1] not in ("METADATA", "RECORD"):
+                    write(names.dist_info + info.filename[len(di):], zin.read(info))
+            write(f"{names.dist_info}/{stamp[0]}", stamp[1])
+            record_name = f"{names.dist_info}/RECORD"
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerows(r.to_row() for r in records)
+            writer.writerow((record_name, "", ""))
+            zi = zipfile.ZipInfo(record_name, date_time)
+            zi.compress_type, zi.external_attr, zi.create_system = zipfile.ZIP_DEFLATED, FILE_MODE, 3
+            zout.writestr(zi, buf.getvalue(), compresslevel=6)
+    hasher.join()
+    if digest != [base_sha256]:
+        raise ForgeError(
+            f"sha256 mismatch for base wheel {base}: expected {base_sha256}, got {digest[0] if digest else '?'}",
+            "the file is corrupt, truncated or another build; delete it and download it again")
+    return names
+
+
+def fsync_path(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+

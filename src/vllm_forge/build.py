@@ -1,0 +1,137 @@
+"""The pipeline: resolve -> fetch/verify -> overlay/patch -> assemble -> verify, with atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from . import __version__
+from .assemble import assemble, dist_info_dir, fsync_path, open_wheel
+from .errors import ForgeError
+from .fa4 import WHEEL_CUTE, get_fa4_sources
+from .fetch import Index, cache_dir, sha256_file
+from .overlay import load_overlay
+from .pins import load_pins
+from .verify import STAMP, verify_wheel
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    wheel: Path
+    manifest: Path
+
+
+def source_date_epoch(base: Path) -> tuple[int, str]:
+    """SOURCE_DATE_EPOCH if set, else the base wheel's METADATA timestamp (same inputs, same bytes)."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        try:
+            return int(env), "SOURCE_DATE_EPOCH"
+        except ValueError:
+            raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer", "unset it or give seconds since 1970") from None
+    with open_wheel(base) as zf:
+        y, mo, d, h, mi, s = zf.getinfo(f"{dist_info_dir(zf, base.name)}/METADATA").date_time
+    return int(time.mktime((y, mo, d, h, mi, s, 0, 0, 0)) - time.timezone), "base wheel METADATA timestamp"
+
+
+def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
+          fa_src: str | None = None, index_url: str | None = None,
+          fa_patch_dir: Path | None = None) -> BuildResult:
+    t0 = time.monotonic()
+    pins = load_pins()
+    vpin = pins.for_version(version or pins.default_vllm)
+    overlay = load_overlay(vpin.overlay)
+    index = cache(lambda: Index(index_url))
+    project = pins.index_project
+
+    # fetch: the base wheel (its sha256 is checked during the repack, in the same read)
+    if base_wheel is not None:
+        base = Path(base_wheel)
+        if not base.is_file():
+            raise ForgeError(f"base wheel {base} does not exist", "check --base-wheel")
+        base_origin = f"local {base}"
+    else:
+        base = cache_dir() / "dl" / vpin.wheel
+        base_origin = f"cache {base}"
+        if not base.is_file():
+            base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
+            base_origin = f"index {index().url}{project}/"
+    print(f"vllm-forge {__version__}: vLLM {vpin.version} + flash-attention {pins.fa.short} "
+          f"(overlay {overlay.overlay_id})", file=sys.stderr)
+
+    created_out = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_wheel: Path | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="vllm-forge-") as work:
+            fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
+            with open_wheel(base) as zf:
+                base_files = {p: zf.read(p) for p in overlay.paths if p in zf.NameToInfo}
+            ov = overlay.apply(base_files)
+            epoch, epoch_from = source_date_epoch(base)
+            stamp = {
+                "tool": f"vllm-forge {__version__}",
+                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+                "flash_attention": {
+                    "commit": pins.fa.commit, "pin_tree_sha256": fa.pin_tree_sha256,
+                    "tree_sha256": fa.tree_sha256,
+                    "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
+                },
+                "overlay": {
+                    "id": ov.overlay_id,
+                    "files": {p: {"base_sha256": ov.bases[p], "patch": a.name, "patch_sha256": a.sha256}
+                              for p, a in zip(sorted(ov.files), ov.patches)},
+                },
+                "source_date_epoch": epoch,
+            }
+            fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-forge-", suffix=".whl.part")
+            os.close(fd)
+            tmp_wheel = Path(tmp_name)
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp_wheel.chmod(0o666 & ~umask)
+            forged = assemble(
+                base, vpin.wheel_sha256, vpin.version, tmp_wheel, label=f"fa4.{pins.fa.short}",
+                drop_prefixes=(WHEEL_CUTE + "/",), replace=ov.files,
+                add={f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()},
+                requires=list(pins.fa.requires),
+                stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
+            final = out_dir / forged.filename
+            report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
+                                  name=forged.filename)
+            manifest = {
+                **stamp,
+                "output": {"wheel": forged.filename, "sha256": sha256_file(tmp_wheel),
+                           "size": tmp_wheel.stat().st_size},
+                "inputs": {
+                    "base_wheel": {"file": vpin.wheel, "sha256": vpin.wheel_sha256, "mirror": base_origin},
+                    "flash_attention": {"commit": pins.fa.commit, "tree_sha256": fa.pin_tree_sha256,
+                                        "mirror": fa.mirror},
+                    "pins": {"file": "pins.json", "sha256": sha256_file(pins.path)},
+                },
+                "source_date_epoch_from": epoch_from,
+                "verify": report.checks,
+            }
+            man_tmp = tmp_wheel.with_suffix(".json.part")
+            man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            fsync_path(tmp_wheel)
+            manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
+            os.replace(tmp_wheel, final)
+            os.replace(man_tmp, manifest_path)
+    except BaseException:
+        if tmp_wheel is not None:
+            tmp_wheel.unlink(missing_ok=True)
+            tmp_wheel.with_suffix(".json.part").unlink(missing_ok=True)
+        if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    for check in report.checks:
+        print(f"  ok: {check}", file=sys.stderr)
+    return BuildResult(final, manifest_path)

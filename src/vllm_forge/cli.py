@@ -1,0 +1,57 @@
+"""`vllm-forge build` and `vllm-forge verify`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ForgeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vllm-forge", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"vllm-forge {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="forge a vLLM wheel with FA4 head dim <= 512 + paged KV on SM90")
+    b.add_argument("--vllm", default=None, help="pinned vLLM version (default: pins.json's default_vllm)")
+    b.add_argument("--out", type=Path, default=Path("dist"), help="output directory (default: dist/)")
+    b.add_argument("--base-wheel", type=Path, help="use this vLLM wheel instead of the index (sha256-checked)")
+    b.add_argument("--fa-src", help="flash-attention source: a local checkout or a git URL (only that mirror)")
+    b.add_argument("--index-url", help="package index simple API (default: pip's)")
+    b.add_argument("--fa-patches", type=Path, help="flash-attention patch directory (default: patches/flash-attention)")
+
+    v = sub.add_parser("verify", help="static checks of a forged wheel")
+    v.add_argument("wheel", type=Path)
+    v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
+    v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
+
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            from .build import build
+
+            result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches)
+            print(result.wheel)
+        else:
+            from .verify import verify_wheel
+
+            if not args.wheel.is_file():
+                raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
+            report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
+            for check in report.checks:
+                print(f"ok: {check}")
+            print(f"{report.wheel}: verified")
+    except ForgeError as e:
+        print(f"vllm-forge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vllm-forge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

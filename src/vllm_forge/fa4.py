@@ -1,0 +1,240 @@
+"""Stage 2b, FA4 sources: the pinned flash-attention `flash_attn/cute`, from the first mirror
+that works, rewritten by the CMake FA4 component, tree-hash checked, then patched.
+
+Mirrors, in order: an explicit --fa-src (path or git URL) alone; otherwise
+VLLM_FLASH_ATTN_SRC_DIR, the verified cache, git (the primary mirror), the vLLM wheel
+that ships the same pin (read with HTTP range requests: only the cute members).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import git
+
+from .errors import ForgeError
+from .fetch import Index, cache_dir, check_sha256, safe_member_name
+from .patching import AppliedPatch, apply_series
+from .pins import FaPin, data_dir
+
+UPSTREAM_PKG = "flash_attn.cute"
+VLLM_PKG = "vllm.vllm_flash_attn.cute"
+CUTE = "flash_attn/cute"
+WHEEL_CUTE = "vllm/vllm_flash_attn/cute"
+FA4_COMPONENT = "_vllm_fa4_cutedsl_C"
+
+Tree = dict[str, bytes]  # path relative to the cute directory -> content
+
+
+def tree_sha256(tree: Tree) -> str:
+    """sha256 over `sha256sum`-style lines of the .py files, sorted by path."""
+    lines = "".join(f"{hashlib.sha256(tree[p]).hexdigest()}  {p}\n" for p in sorted(tree))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass
+class Fa4Sources:
+    files: Tree                 # rewritten (vllm.vllm_flash_attn.cute) and patched
+    mirror: str
+    pin_tree_sha256: str        # verified against pins.json
+    tree_sha256: str            # after patches; equals pin_tree_sha256 without patches
+    patches: list[AppliedPatch] = field(default_factory=list)
+
+
+def read_tree(root: Path, origin: str) -> Tree:
+    """The *.py files under root (a cute directory), refusing links that leave it."""
+    if not (root / "interface.py").is_file():
+        raise ForgeError(f"{origin} has no {CUTE}/interface.py", "point it at a flash-attention checkout")
+    tree: Tree = {}
+    real_root = root.resolve()
+    for p in sorted(root.rglob("*.py")):
+        if not p.resolve().is_relative_to(real_root):
+            raise ForgeError(f"{p} in {origin} links outside {root}", "refusing to read it")
+        rel = p.relative_to(root).as_posix()
+        tree[str(safe_member_name(rel, origin))] = p.read_bytes()
+    return tree
+
+
+def write_tree(tree: Tree, root: Path) -> None:
+    for rel, data in tree.items():
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+
+
+# --- mirrors: each returns the upstream-form tree (flash_attn.cute imports) -------------
+
+def from_local(path: Path) -> Tree:
+    if not path.is_dir():
+        raise ForgeError(f"flash-attention source directory {path} does not exist", "check --fa-src")
+    return read_tree(path / CUTE, f"local checkout {path}")
+
+
+def from_git(url: str, commit: str) -> Tree:
+    """The pinned commit from a git mirror, kept in a bare repository in the cache."""
+    repo_dir = cache_dir() / "git" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
+    repo = git.Repo(str(repo_dir)) if repo_dir.is_dir() else git.Repo.init(str(repo_dir), bare=True)
+    try:
+        commit_obj = repo.commit(commit)
+    except (ValueError, git.BadName):
+        print(f"  git: fetching {commit[:12]} from {url}", file=sys.stderr, flush=True)
+        errors = []
+        for refspec in ([commit], ["+refs/heads/*:refs/remotes/mirror/*", "+refs/tags/*:refs/tags/*"]):
+            try:
+                repo.git.fetch(url, *refspec, "--depth=1" if refspec == [commit] else "--no-tags")
+            except git.GitCommandError as e:
+                errors.append(str(e.stderr).strip().splitlines()[-1] if e.stderr else str(e))
+            try:
+                commit_obj = repo.commit(commit)
+                break
+            except (ValueError, git.BadName):
+                continue
+        else:
+            raise ForgeError(f"commit {commit} not found in git mirror {url}",
+                             f"check the URL and the pin ({'; '.join(errors) or 'fetched, commit absent'})")
+    try:
+        sub = commit_obj.tree / CUTE
+    except KeyError:
+        raise ForgeError(f"commit {commit} of {url} has no {CUTE}", "not a flash-attention repository") from None
+    tree: Tree = {}
+    for blob in sub.traverse():
+        if blob.type == "blob" and blob.path.endswith(".py"):
+            rel = blob.path[len(CUTE) + 1:]
+            tree[str(safe_member_name(rel, f"{url}@{commit[:12]}"))] = blob.data_stream.read()
+    return tree
+
+
+def from_wheel(pin: FaPin, index: Callable[[], Index], project: str) -> tuple[Tree, str]:
+    """The cute files of the vLLM wheel that ships the pin, un-rewritten to upstream form."""
+    wm = pin.wheel_mirror
+    cached = cache_dir() / "dl" / wm.wheel
+    fetched = ""
+    if cached.is_file():
+        check_sha256(cached, wm.wheel_sha256, "cached")
+        zf = zipfile.ZipFile(cached)
+    else:
+        try:
+            remote = index().open_remote(project, wm.wheel, wm.wheel_sha256)
+        except ForgeError as e:
+            if "byte ranges" not in e.what:
+                raise
+            from .fetch import cached_download
+            zf = zipfile.ZipFile(cached_download(index, project, wm.wheel, wm.wheel_sha256))
+        else:
+            zf = zipfile.ZipFile(remote)  # type: ignore[arg-type]
+            members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
+            if members:
+                ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
+                nxt = {a.header_offset: b.header_offset for a, b in zip(ends, ends[1:])}
+                start = min(i.header_offset for i in members)
+                end = max(nxt.get(i.header_offset, remote.size) for i in members)
+                remote.prefetch(start, end)
+            fetched = f", {remote.fetched / 1e6:.1f} MB fetched by range requests"
+    tree: Tree = {}
+    with zf:
+        for info in zf.infolist():
+            if info.filename.startswith(wm.cute_dir) and info.filename.endswith(".py"):
+                rel = str(safe_member_name(info.filename[len(wm.cute_dir):], wm.wheel))
+                rewritten = zf.read(info)
+                upstream = rewritten.replace(VLLM_PKG.encode(), UPSTREAM_PKG.encode())
+                if upstream.replace(UPSTREAM_PKG.encode(), VLLM_PKG.encode()) != rewritten:
+                    raise ForgeError(f"{info.filename} in {wm.wheel} cannot be mapped back to upstream form",
+                                     "use a git or local flash-attention mirror")
+                tree[rel] = upstream
+    return tree, f"wheel {wm.wheel}{fetched}"
+
+
+# --- the CMake FA4 component ------------------------------------------------------------
+
+def cmake_install_fa4(src_root: Path, work: Path) -> Tree:
+    """Run the project's CMake FA4 component on a flash-attention tree; return the result."""
+    build, prefix = work / "cmake-build", work / "cmake-install"
+    shutil.rmtree(build, ignore_errors=True)
+    shutil.rmtree(prefix, ignore_errors=True)
+    env = {**os.environ, "VLLM_FLASH_ATTN_SRC_DIR": str(src_root)}
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise ForgeError("cmake not found", "pip install cmake (a dependency of vllm-forge)")
+    for cmd in (
+        [cmake, "-S", str(data_dir()), "-B", str(build), "-DVLLM_FORGE_FA4=ON"],
+        [cmake, "--install", str(build), "--component", FA4_COMPONENT, "--prefix", str(prefix)],
+    ):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+            raise ForgeError(f"CMake FA4 component failed: {' | '.join(tail)}", f"command: {' '.join(cmd)}")
+    return read_tree(prefix / WHEEL_CUTE, "CMake FA4 component output")
+
+
+def _mirrors(fa_src: str | None, pin: FaPin, index: Callable[[], Index],
+             project: str) -> list[tuple[str, Callable[[], tuple[Tree, str]]]]:
+    if fa_src:
+        if "://" in fa_src or fa_src.startswith("git@") or fa_src.endswith(".git"):
+            return [("git", lambda: (from_git(fa_src, pin.commit), f"git {fa_src}@{pin.commit}"))]
+        return [("local", lambda: (from_local(Path(fa_src)), f"local {fa_src}"))]
+    chain: list[tuple[str, Callable[[], tuple[Tree, str]]]] = []
+    env_dir = os.environ.get("VLLM_FLASH_ATTN_SRC_DIR")
+    if env_dir:
+        chain.append(("VLLM_FLASH_ATTN_SRC_DIR", lambda: (from_local(Path(env_dir)), f"local {env_dir}")))
+    cached = cache_dir() / "fa4" / pin.commit
+    chain.append(("cache", lambda: (from_local(cached), f"cache {cached}")))
+    chain.append(("git", lambda: (from_git(pin.git_repository, pin.commit),
+                                  f"git {pin.git_repository}@{pin.commit}")))
+    chain.append(("wheel", lambda: from_wheel(pin, index, project)))
+    return chain
+
+
+def get_fa4_sources(pin: FaPin, work: Path, index: Callable[[], Index], project: str,
+                    fa_src: str | None = None, patch_dir: Path | None = None) -> Fa4Sources:
+    failures: list[str] = []
+    for name, fetch in _mirrors(fa_src, pin, index, project):
+        try:
+            upstream, mirror = fetch()
+            staging = work / "fa-src"
+            shutil.rmtree(staging, ignore_errors=True)
+            write_tree(upstream, staging / CUTE)
+            rewritten = cmake_install_fa4(staging, work)
+            got = tree_sha256(rewritten)
+            if got != pin.cute_tree_sha256:
+                raise ForgeError(
+                    f"flash-attention tree-hash mismatch from {mirror}: expected {pin.cute_tree_sha256}, got {got}",
+                    f"that source is not flash-attention@{pin.commit[:12]}",
+                )
+        except ForgeError as e:
+            if fa_src:
+                raise
+            failures.append(f"{name}: {e.what}")
+            print(f"  FA4 mirror {name} unusable: {e.what}", file=sys.stderr, flush=True)
+            continue
+        print(f"  FA4 sources: {len(rewritten)} files from {mirror}, tree hash verified", file=sys.stderr)
+        if name != "cache":
+            _store_in_cache(upstream, pin.commit)
+        result = Fa4Sources(rewritten, mirror, got, got)
+        patch_dir = patch_dir if patch_dir is not None else data_dir() / "patches" / "flash-attention"
+        if patch_dir.is_dir():
+            result.patches = apply_series(patch_dir, staging)
+        if result.patches:
+            result.files = cmake_install_fa4(staging, work)
+            result.tree_sha256 = tree_sha256(result.files)
+        return result
+    raise ForgeError(
+        f"no mirror delivered flash-attention@{pin.commit[:12]}: " + "; ".join(failures),
+        "connect to the network (git or the package index), or pass --fa-src with a checkout of that commit",
+    )
+
+
+def _store_in_cache(tree: Tree, commit: str) -> None:
+    dest = cache_dir() / "fa4" / commit
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tree(tree, tmp / CUTE)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)

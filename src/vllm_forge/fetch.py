@@ -1,0 +1,237 @@
+"""Stage 2, fetch/verify: files from the package index, cached and sha256-checked.
+
+The index is the one pip uses (``--index-url``, ``PIP_INDEX_URL`` or pip's default),
+read through the PEP 691 JSON simple API. Downloads land in the cache only after their
+sha256 matched the pin; a cached file is re-hashed on every use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
+
+from .errors import ForgeError
+
+CHUNK = 4 << 20
+TIMEOUT_S = 60
+
+
+def cache_dir() -> Path:
+    """~/.cache/vllm-forge (XDG_CACHE_HOME honoured; VLLM_FORGE_CACHE overrides)."""
+    explicit = os.environ.get("VLLM_FORGE_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "vllm-forge"
+
+
+def default_index_url() -> str:
+    explicit = os.environ.get("VLLM_FORGE_INDEX_URL") or os.environ.get("PIP_INDEX_URL")
+    if explicit:
+        return explicit
+    try:  # the index pip itself would use
+        from pip._internal.models.index import PyPI
+
+        return str(PyPI.simple_url)
+    except ImportError:  # pragma: no cover - pip is always next to a venv's python
+        raise ForgeError(
+            "no package index configured", "pass --index-url or set PIP_INDEX_URL"
+        ) from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise ForgeError(
+            f"sha256 mismatch for {what} {path}: expected {expected}, got {got}",
+            "the file is corrupt, truncated or another release; delete it and fetch again",
+        )
+
+
+def safe_member_name(name: str, origin: str) -> PurePosixPath:
+    """Refuse archive member names that would escape the tree they are unpacked in."""
+    p = PurePosixPath(name)
+    if (
+        not name
+        or "\\" in name
+        or "\x00" in name
+        or p.is_absolute()
+        or ".." in p.parts
+        or (len(name) > 1 and name[1] == ":")
+    ):
+        raise ForgeError(
+            f"unsafe archive member name {name!r} in {origin}",
+            "refusing to unpack an archive whose members escape its tree",
+        )
+    return p
+
+
+class Progress:
+    """A download/copy progress line on stderr, at most a few updates a second."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= 0.5 or (self.total and self.done >= self.total):
+            self._last = now
+            mb = self.done / 1e6
+            rate = mb / max(now - self._start, 1e-6)
+            pct = f" {100 * self.done / self.total:5.1f}%" if self.total else ""
+            print(f"\r  {self.label}:{pct} {mb:8.1f} MB ({rate:6.1f} MB/s)",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.done:
+            print(file=sys.stderr, flush=True)
+
+
+class Index:
+    """The package index, PEP 691 JSON simple API."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = (url or default_index_url()).rstrip("/") + "/"
+        self._pages: dict[str, dict[str, dict[str, object]]] = {}
+
+    def _open(self, url: str, headers: dict[str, str] | None = None) -> BinaryIO:
+        req = urllib.request.Request(url, headers=headers or {})
+        try:
+            return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # type: ignore[no-any-return]
+        except (urllib.error.URLError, OSError) as e:
+            raise ForgeError(
+                f"cannot reach the package index at {url}: {e}",
+                "check the network or --index-url; cached and local inputs need no network",
+            ) from e
+
+    def files(self, project: str) -> dict[str, dict[str, object]]:
+        if project not in self._pages:
+            with self._open(self.url + project + "/",
+                            {"Accept": "application/vnd.pypi.simple.v1+json"}) as r:
+                page = json.load(r)
+            self._pages[project] = {f["filename"]: f for f in page["files"]}
+        return self._pages[project]
+
+    def file_url(self, project: str, filename: str, sha256: str) -> str:
+        entry = self.files(project).get(filename)
+        if entry is None:
+            raise ForgeError(f"{filename} is not on the package index {self.url}{project}/",
+                             "check the pin in pins.json or use --base-wheel")
+        listed = entry.get("hashes", {}).get("sha256")  # type: ignore[union-attr]
+        if listed and listed != sha256:
+            raise ForgeError(f"the index lists sha256 {listed} for {filename}, the pin says {sha256}",
+                             "the index or the pin is wrong; do not build from it")
+        return urllib.parse.urljoin(self.url + project + "/", str(entry["url"]))
+
+    def download(self, project: str, filename: str, sha256: str, dest: Path) -> Path:
+        """Download into dest (a directory) atomically; the file appears only if its sha256 matches."""
+        url = self.file_url(project, filename, sha256)
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / filename
+        h = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{filename}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, self._open(url) as r:
+                length = r.headers.get("Content-Length")  # type: ignore[attr-defined]
+                progress = Progress(f"downloading {filename}", int(length) if length else None)
+                try:
+                    while chunk := r.read(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        progress.advance(len(chunk))
+                finally:
+                    progress.close()
+            if h.hexdigest() != sha256:
+                raise ForgeError(f"sha256 mismatch for downloaded {filename}: expected {sha256}, got {h.hexdigest()}",
+                                 "the download was corrupt or the index serves another file; try again")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def open_remote(self, project: str, filename: str, sha256: str) -> "RemoteFile":
+        return RemoteFile(self.file_url(project, filename, sha256), self._open)
+
+
+def cached_download(index: Callable[[], Index], project: str, filename: str, sha256: str) -> Path:
+    """The pinned file from the cache (re-verified), else from the index."""
+    path = cache_dir() / "dl" / filename
+    if path.is_file():
+        check_sha256(path, sha256, "cached")
+        return path
+    return index().download(project, filename, sha256, path.parent)
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable view of a remote file through HTTP range requests.
+
+    zipfile reads only the central directory and the members asked for, so a few MB
+    of a large wheel come over the network instead of all of it.
+    """
+
+    def __init__(self, url: str, opener: Callable[..., BinaryIO]) -> None:
+        self.url, self._opener, self._pos = url, opener, 0
+        with opener(url, {"Range": "bytes=-1"}) as r:
+            crange = r.headers.get("Content-Range", "")  # type: ignore[attr-defined]
+            if getattr(r, "status", 200) != 206 or "/" not in crange:
+                raise ForgeError(f"{url} does not serve byte ranges", "falling back to a full download")
+            self.size = int(crange.rsplit("/", 1)[1])
+        self.fetched = 0
+        self._span = (0, b"")
+
+    def prefetch(self, start: int, end: int) -> None:
+        """Fetch [start, end) in one request; later reads inside it need no network."""
+        with self._opener(self.url, {"Range": f"bytes={start}-{end - 1}"}) as r:
+            self._span = (start, r.read())
+        self.fetched += len(self._span[1])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        n = min(len(b), self.size - self._pos)
+        if n <= 0:
+            return 0
+        start, span = self._span
+        if start <= self._pos and self._pos + n <= start + len(span):
+            b[:n] = span[self._pos - start : self._pos - start + n]
+            self._pos += n
+            return n
+        with self._opener(self.url, {"Range": f"bytes={self._pos}-{self._pos + n - 1}"}) as r:
+            data = r.read()
+        b[: len(data)] = data
+        self._pos += len(data)
+        self.fetched += len(data)
+        return len(data)

@@ -1,0 +1,102 @@
+"""Stage 1, resolve: the pinned inputs for a vLLM version, read from pins.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import ForgeError
+
+
+def data_dir() -> Path:
+    """Where pins.json, cmake/, patches/ and vllm_overlay/ live.
+
+    Installed: inside the package (scikit-build-core copies them there).
+    From a source checkout: the repository root.
+    """
+    override = os.environ.get("VLLM_FORGE_DATA_DIR")
+    if override:
+        return Path(override)
+    installed = Path(str(resources.files("vllm_forge"))) / "data"
+    if (installed / "pins.json").is_file():
+        return installed
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class VllmPin:
+    version: str
+    wheel: str
+    wheel_sha256: str
+    sdist: str
+    sdist_sha256: str
+    flash_attention_commit: str  # the release's own (old) flash-attention pin
+    overlay: str
+
+
+@dataclass(frozen=True)
+class WheelMirror:
+    version: str
+    wheel: str
+    wheel_sha256: str
+    cute_dir: str
+
+
+@dataclass(frozen=True)
+class FaPin:
+    git_repository: str
+    commit: str
+    cute_tree_sha256: str
+    cute_file_count: int
+    requires: tuple[str, ...]
+    wheel_mirror: WheelMirror
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+
+@dataclass(frozen=True)
+class Pins:
+    path: Path
+    default_vllm: str
+    index_project: str
+    vllm: dict[str, VllmPin]
+    fa: FaPin
+
+    def for_version(self, version: str) -> VllmPin:
+        try:
+            return self.vllm[version]
+        except KeyError:
+            known = ", ".join(sorted(self.vllm))
+            raise ForgeError(
+                f"unknown vLLM version {version!r}: {self.path.name} pins only {known}",
+                "pick a pinned version, or add one to pins.json with its wheel sha256 "
+                "and an overlay whose base hashes match",
+            ) from None
+
+
+def load_pins(path: Path | None = None) -> Pins:
+    path = path or data_dir() / "pins.json"
+    try:
+        raw = json.loads(path.read_text())
+        fa = raw["flash_attention"]
+        return Pins(
+            path=path,
+            default_vllm=raw["default_vllm"],
+            index_project=raw["index_project"],
+            vllm={v: VllmPin(version=v, **spec) for v, spec in raw["vllm"].items()},
+            fa=FaPin(
+                git_repository=fa["git_repository"],
+                commit=fa["commit"],
+                cute_tree_sha256=fa["cute_tree_sha256"],
+                cute_file_count=fa["cute_file_count"],
+                requires=tuple(fa["requires"]),
+                wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
+            ),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e
