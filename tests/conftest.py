@@ -1,0 +1,68 @@
+"""Shared fixtures: real vLLM artifacts from the package index (cached under ~/.cache/vllm-forge)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from vllm_forge.build import BuildResult, build
+from vllm_forge.fa4 import CUTE, get_fa4_sources
+from vllm_forge.fetch import Index, cached_download
+from vllm_forge.pins import Pins, load_pins
+
+index = cache(lambda: Index())
+
+
+@pytest.fixture(scope="session")
+def pins() -> Pins:
+    return load_pins()
+
+
+def real_wheel(version: str) -> Path:
+    """The real upstream wheel of a pinned (or mirror) vLLM version, sha256-checked."""
+    p = load_pins()
+    if version == p.fa.wheel_mirror.version:
+        name, sha = p.fa.wheel_mirror.wheel, p.fa.wheel_mirror.wheel_sha256
+    elif version in p.vllm:
+        name, sha = p.vllm[version].wheel, p.vllm[version].wheel_sha256
+    else:
+        name, sha = EXTRA_WHEELS[version]
+    return cached_download(index, p.index_project, name, sha)
+
+
+# Real releases used as bad inputs (sha256 from the package index, see FACTS.md).
+EXTRA_WHEELS = {
+    "0.18.1": ("vllm-0.18.1-cp38-abi3-manylinux_2_31_x86_64.whl",
+               "33d6d81299dedd45dde43fef261fbad2d513ed80e7cf7e64fb5880e8cf8ea105"),
+}
+
+
+@pytest.fixture(scope="session")
+def base_wheel() -> Path:
+    return real_wheel("0.19.1")
+
+
+@pytest.fixture(scope="session")
+def fa_upstream(tmp_path_factory: pytest.TempPathFactory, pins: Pins) -> Path:
+    """A flash-attention source tree (flash_attn/cute/*.py, upstream imports) of the pin,
+    obtained through the tool's own mirror chain and tree-hash verified."""
+    work = tmp_path_factory.mktemp("fa-upstream")
+    get_fa4_sources(pins.fa, work, index, pins.index_project)
+    root = work / "fa-src"
+    assert (root / CUTE / "interface.py").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def forged(tmp_path_factory: pytest.TempPathFactory, base_wheel: Path) -> BuildResult:
+    return build("0.19.1", tmp_path_factory.mktemp("forged"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vllm_forge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)

@@ -1,0 +1,183 @@
+"""The overlay's behaviour, on the real vLLM package of the forged wheel.
+
+The wheel is installed with pip (--no-deps, into a temporary --target); vLLM's own modules are
+imported from there. Only the device (a vLLM Platform reporting a compute capability) and the
+availability of the compiled FA2/FA3 extensions and of FA4's CuTe kernels are faked: there is no
+GPU here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from vllm_forge.build import BuildResult
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def vllm(forged: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNamespace]:
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--no-index",
+                    "--target", str(site), str(forged.wheel)], check=True)
+    sys.path.insert(0, str(site))
+    import vllm.platforms as platforms
+    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+    class FakeGpu(Platform):
+        _enum = PlatformEnum.CUDA
+        device_name = device_type = "cuda"
+        dispatch_key = "CUDA"
+        capability = DeviceCapability(9, 0)
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
+            return cls.capability
+
+    platforms._current_platform = FakeGpu()
+    for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):  # compiled FA2/FA3: present as far as vLLM can tell
+        sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+    import vllm.vllm_flash_attn.flash_attn_interface as fi
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends import fa_utils, flash_attn
+
+    assert Path(fa_utils.__file__).is_relative_to(site)
+    yield types.SimpleNamespace(fi=fi, fa_utils=fa_utils, flash_attn=flash_attn, FakeGpu=FakeGpu,
+                                DeviceCapability=DeviceCapability, VllmConfig=VllmConfig,
+                                AttentionConfig=AttentionConfig, set_config=set_current_vllm_config)
+    sys.path.remove(str(site))
+
+
+@pytest.fixture
+def gpu(vllm: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch):
+    """Set the fake device's capability and FA4 availability for one test."""
+
+    def set_device(major: int, fa4: bool = True) -> types.SimpleNamespace:
+        monkeypatch.setattr(vllm.FakeGpu, "capability", vllm.DeviceCapability(major, 0))
+        monkeypatch.setattr(vllm.fi, "FA4_AVAILABLE", fa4)
+        vllm.fa_utils.fa4_supported.cache_clear()
+        return vllm
+
+    yield set_device
+    vllm.fa_utils.fa4_supported.cache_clear()
+
+
+def impl(v: types.SimpleNamespace, head_size: int) -> Any:
+    return v.flash_attn.FlashAttentionImpl(num_heads=32, head_size=head_size, scale=head_size ** -0.5,
+                                           num_kv_heads=4, alibi_slopes=None, sliding_window=None,
+                                           kv_cache_dtype="auto")
+
+
+def test_sm90_head512_with_fa4_selects_fa4(gpu) -> None:
+    v = gpu(9)
+    assert v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+    assert v.flash_attn.FlashAttentionBackend.supports_head_size(320)
+    assert not v.flash_attn.FlashAttentionBackend.supports_head_size(516)  # not a multiple of 8
+    assert not v.flash_attn.FlashAttentionBackend.supports_head_size(520)  # over 512
+    assert v.fa_utils.get_flash_attn_version(head_size=512) == 4
+    assert impl(v, 512).vllm_flash_attn_version == 4
+
+
+def test_sm90_head512_without_fa4_unsupported(gpu) -> None:
+    v = gpu(9, fa4=False)
+    assert not v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+    assert v.flash_attn.FlashAttentionBackend.supports_head_size(256)
+    assert v.fa_utils.get_flash_attn_version(head_size=512) == 3
+
+
+def test_sm90_small_heads_stay_fa3(gpu) -> None:
+    v = gpu(9)
+    for h in (64, 128, 256):
+        assert v.fa_utils.get_flash_attn_version(head_size=h) == 3
+        assert impl(v, h).vllm_flash_attn_version == 3
+    assert v.fa_utils.get_flash_attn_version() == 3  # no head size: platform default
+
+
+def test_explicit_version_wins(gpu) -> None:
+    v = gpu(9)
+    with v.set_config(v.VllmConfig(attention_config=v.AttentionConfig(flash_attn_version=3))):
+        assert v.fa_utils.get_flash_attn_version(head_size=512) == 3
+        # FA3 cannot run head 512, and the user asked for FA3: FLASH_ATTN is not offered for it
+        assert not v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+    with v.set_config(v.VllmConfig(attention_config=v.AttentionConfig(flash_attn_version=4))):
+        assert v.fa_utils.get_flash_attn_version(head_size=128) == 4
+        assert v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+
+
+def test_sm100_unchanged(gpu) -> None:
+    v = gpu(10)
+    assert v.fa_utils.get_flash_attn_version(head_size=128) == 4
+    assert v.fa_utils.get_flash_attn_version(head_size=512) == 2  # TMEM limit: 0.19.1's FA2 fallback
+    assert not v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+    assert v.flash_attn.FlashAttentionBackend.supports_head_size(256)
+
+
+def test_head_size_reaches_every_decision(gpu) -> None:
+    """The PR review remark: no head-size decision may fall back to the platform default."""
+    v = gpu(9)
+    spec = types.SimpleNamespace(head_size=512)
+    support = v.flash_attn.FlashAttentionMetadataBuilder.get_cudagraph_support(None, spec)
+    assert support == v.flash_attn.AttentionCGSupport.UNIFORM_BATCH  # FA4, not FA3's ALWAYS
+    spec.head_size = 128
+    assert v.flash_attn.FlashAttentionMetadataBuilder.get_cudagraph_support(None, spec) == \
+        v.flash_attn.AttentionCGSupport.ALWAYS
+    assert not v.fa_utils.flash_attn_supports_fp8(512) and v.fa_utils.flash_attn_supports_fp8(128)
+    with pytest.raises(NotImplementedError, match="fp8 kv-cache"):
+        v.flash_attn.FlashAttentionImpl(num_heads=32, head_size=512, scale=1.0, num_kv_heads=4, alibi_slopes=None,
+                                        sliding_window=None, kv_cache_dtype="fp8")
+
+
+def test_fa4_support_decided_once(gpu) -> None:
+    v = gpu(9)
+    for _ in range(50):
+        assert v.flash_attn.FlashAttentionBackend.supports_head_size(512)
+        assert v.fa_utils.get_flash_attn_version(head_size=512) == 4
+    info = v.fa_utils.fa4_supported.cache_info()
+    assert (info.misses, info.hits) == (1, 99)
+
+
+class _NoPlatform:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"platform looked up in the attention call path ({name})")
+
+
+@pytest.fixture
+def fake_cute(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """FA4's kernels need a GPU and the CuTe DSL: stand in for vllm.vllm_flash_attn.cute.interface."""
+    seen: list[dict[str, Any]] = []
+
+    def _flash_attn_fwd(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        seen.append(kw)
+        return kw["out"], None
+
+    mod = types.ModuleType("vllm.vllm_flash_attn.cute.interface")
+    mod._flash_attn_fwd = _flash_attn_fwd  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn.cute.interface", mod)
+    return seen
+
+
+def test_paged_fa4_call_reaches_kernel_on_sm90(gpu, fake_cute: list[dict[str, Any]], monkeypatch) -> None:
+    v = gpu(9)
+    monkeypatch.setattr(v.fi, "_FA4_FWD", None)
+    q = torch.zeros(5, 32, 512, dtype=torch.bfloat16)
+    kv = torch.zeros(4, 16, 4, 512, dtype=torch.bfloat16)  # 4 pages of 16 tokens
+    block_table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    args = dict(max_seqlen_q=4, cu_seqlens_q=torch.tensor([0, 1, 5], dtype=torch.int32), max_seqlen_k=20,
+                seqused_k=torch.tensor([17, 20], dtype=torch.int32), block_table=block_table, causal=True,
+                fa_version=4, out=torch.empty_like(q))
+    v.fi.flash_attn_varlen_func(q, kv, kv, **args)
+    assert fake_cute[-1]["page_table"] is block_table
+    assert fake_cute[-1]["seqused_k"] is args["seqused_k"]
+    # resolved once: neither the module nor the platform is looked up again on later calls
+    sys.modules.pop("vllm.vllm_flash_attn.cute.interface")
+    import vllm.platforms as platforms
+    monkeypatch.setattr(platforms, "_current_platform", _NoPlatform())
+    v.fi.flash_attn_varlen_func(q, kv, kv, **args)
+    assert len(fake_cute) == 2

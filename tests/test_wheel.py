@@ -1,0 +1,123 @@
+"""Wheel-level checks on the real forged vLLM 0.19.1 wheel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+from vllm_forge.build import BuildResult, build
+from vllm_forge.fa4 import WHEEL_CUTE, tree_sha256
+from vllm_forge.pins import Pins
+from vllm_forge.verify import STAMP, verify_wheel
+
+from conftest import run_cli
+
+OVERLAID = (
+    "vllm/v1/attention/backends/fa_utils.py",
+    "vllm/v1/attention/backends/flash_attn.py",
+    "vllm/vllm_flash_attn/flash_attn_interface.py",
+)
+
+
+def test_name_version_and_tags(forged: BuildResult, base_wheel: Path, pins: Pins) -> None:
+    assert forged.wheel.name == "vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl"
+    with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
+        meta = out.read("vllm-0.19.1+fa4.bce2942.dist-info/METADATA").decode()
+        assert "\nVersion: 0.19.1+fa4.bce2942\n" in meta
+        assert out.read("vllm-0.19.1+fa4.bce2942.dist-info/WHEEL") == base.read("vllm-0.19.1.dist-info/WHEEL")
+        assert not [n for n in out.namelist() if n.startswith("vllm-0.19.1.dist-info/")]
+        reqs = [ln for ln in meta.split("\n\n")[0].splitlines() if ln.startswith("Requires-Dist:")]
+        assert "Requires-Dist: quack-kernels>=0.2.7,>=0.4.0" in reqs  # merged with 0.19.1's own
+        assert "Requires-Dist: apache-tvm-ffi<0.2,>=0.1.5" in reqs
+        assert "Requires-Dist: torch==2.10.0" in reqs  # the rest untouched
+        base_reqs = [ln for ln in base.read("vllm-0.19.1.dist-info/METADATA").decode().split("\n\n")[0].splitlines()
+                     if ln.startswith("Requires-Dist:")]
+        assert len(reqs) == len(base_reqs) + 2  # tvm-ffi and torch-c-dlpack-ext are new
+
+
+def test_cute_tree_replaced(forged: BuildResult, base_wheel: Path, pins: Pins) -> None:
+    with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
+        cute = {n[len(WHEEL_CUTE) + 1:]: out.read(n) for n in out.namelist() if n.startswith(WHEEL_CUTE + "/")}
+        old = {n[len(WHEEL_CUTE) + 1:] for n in base.namelist() if n.startswith(WHEEL_CUTE + "/")}
+    assert len(cute) == pins.fa.cute_file_count
+    assert tree_sha256(cute) == pins.fa.cute_tree_sha256
+    assert "flash_fwd_sm90.py" in cute and "flash_fwd_sm90.py" not in old  # new in the pin
+    assert all(b"from flash_attn.cute" not in d for d in cute.values())
+    assert b"vllm.vllm_flash_attn.cute" in cute["interface.py"]
+    assert b"is_sm90_range = 8 <= head_dim <= 512" in cute["interface.py"]
+    gone = old - set(cute)
+    assert all(f"{WHEEL_CUTE}/{g}" not in set(zipfile.ZipFile(forged.wheel).namelist()) for g in gone)
+
+
+def test_unchanged_members_are_bit_identical(forged: BuildResult, base_wheel: Path) -> None:
+    with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
+        outinfo = {i.filename: i for i in out.infolist()}
+        kept = [i for i in base.infolist()
+                if not i.filename.startswith(("vllm-0.19.1.dist-info/", WHEEL_CUTE + "/")) and i.filename not in OVERLAID]
+        assert len(kept) > 2000
+        for i in kept:
+            o = outinfo[i.filename]
+            assert (o.CRC, o.compress_size, o.file_size, o.compress_type, o.date_time) == \
+                (i.CRC, i.compress_size, i.file_size, i.compress_type, i.date_time), i.filename
+        for p in OVERLAID:
+            assert out.read(p) != base.read(p)
+
+
+def test_overlay_files_match_manifest(forged: BuildResult) -> None:
+    manifest = json.loads((Path(__file__).parents[1] / "vllm_overlay" / "manifest.json").read_text())
+    results = {b["path"]: b["result_sha256"] for b in manifest["bases"].values()}
+    with zipfile.ZipFile(forged.wheel) as out:
+        for p in OVERLAID:
+            assert hashlib.sha256(out.read(p)).hexdigest() == results[p]
+        text = out.read("vllm/vllm_flash_attn/flash_attn_interface.py").decode()
+    assert "FA4 with paged KV is not supported on SM90" not in text
+
+
+def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
+    m = json.loads(forged.manifest.read_text())
+    assert m["output"]["sha256"] == hashlib.sha256(forged.wheel.read_bytes()).hexdigest()
+    assert m["inputs"]["base_wheel"]["sha256"] == pins.vllm["0.19.1"].wheel_sha256
+    assert m["inputs"]["base_wheel"]["mirror"]
+    assert m["inputs"]["flash_attention"]["tree_sha256"] == pins.fa.cute_tree_sha256
+    assert m["inputs"]["flash_attention"]["mirror"]
+    assert m["overlay"]["id"] == "fa4-sm90-hd512"
+    assert len(m["overlay"]["files"]) == 3
+    assert m["flash_attention"]["patches"] == []
+    assert m["tool"].startswith("vllm-forge ")
+    assert isinstance(m["source_date_epoch"], int)
+    with zipfile.ZipFile(forged.wheel) as out:
+        stamp = json.loads(out.read(f"vllm-0.19.1+fa4.bce2942.dist-info/{STAMP}"))
+    assert stamp["overlay"] == m["overlay"] and "mirror" not in json.dumps(stamp)
+
+
+def test_verify_deep_passes(forged: BuildResult) -> None:
+    report = verify_wheel(forged.wheel, deep=True)
+    assert any("installer validates" in c for c in report.checks)
+    r = run_cli("verify", str(forged.wheel), "--quick")
+    assert r.returncode == 0 and "verified" in r.stdout
+
+
+def test_verify_rejects_tampered_wheel(forged: BuildResult, tmp_path: Path) -> None:
+    bad = tmp_path / forged.wheel.name
+    with zipfile.ZipFile(forged.wheel) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == f"{WHEEL_CUTE}/interface.py":
+                data += b"\n# tampered\n"
+            dst.writestr(info, data)
+    r = run_cli("verify", str(bad))
+    assert r.returncode == 2
+    assert "RECORD hash/size mismatch for vllm/vllm_flash_attn/cute/interface.py" in r.stderr
+
+
+def test_reproducible(forged: BuildResult, tmp_path: Path, monkeypatch) -> None:
+    again = build("0.19.1", tmp_path / "again")
+    assert again.wheel.read_bytes() == forged.wheel.read_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    one = build("0.19.1", tmp_path / "one").wheel.read_bytes()
+    two = build("0.19.1", tmp_path / "two").wheel.read_bytes()
+    assert one == two != forged.wheel.read_bytes()
+    with zipfile.ZipFile(tmp_path / "one" / forged.wheel.name) as z:
+        assert z.getinfo(OVERLAID[0]).date_time == (2023, 11, 14, 22, 13, 20)
