@@ -9,12 +9,12 @@ read once. Every new member gets the timestamp of SOURCE_DATE_EPOCH.
 from __future__ import annotations
 
 import base64
+import calendar
 import copy
 import csv
 import io
 import hashlib
 import os
-import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -52,6 +52,19 @@ def dist_info_dir(zf: zipfile.ZipFile, origin: str) -> str:
 
 def metadata_version(zf: zipfile.ZipFile, dist_info: str) -> str:
     return str(HeaderParser().parsestr(zf.read(f"{dist_info}/METADATA").decode())["Version"])
+
+
+def read_base(path: Path, version: str, members: list[str]) -> tuple[dict[str, bytes], int]:
+    """The given members of a base wheel and its METADATA timestamp (seconds, UTC), after
+    checking it is the requested vLLM version."""
+    with open_wheel(path) as zf:
+        di = dist_info_dir(zf, path.name)
+        got = metadata_version(zf, di)
+        if got != version:
+            raise ForgeError(f"base wheel {path.name} is vLLM {got}, not {version}",
+                             f"pass the vLLM {version} wheel, or --vllm {got}")
+        stamp = calendar.timegm((*zf.getinfo(f"{di}/METADATA").date_time, 0, 0, 0))
+        return {m: zf.read(m) for m in members if m in zf.NameToInfo}, stamp
 
 
 def record_entry(path: str, data: bytes) -> RecordEntry:
@@ -100,14 +113,6 @@ def forged_names(base: Path, zf: zipfile.ZipFile, label: str) -> Forged:
     return Forged(f"{dist_name}-{new_version}-{tag_part}.whl", new_version, f"{dist_name}-{new_version}.dist-info")
 
 
-def _hash_file(path: Path, out: list[str]) -> None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    out.append(h.hexdigest())
-
-
 def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, progress: Progress) -> None:
     dst.flush()
     sfd, dfd = src.fileno(), dst.fileno()
@@ -128,22 +133,15 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, progress:
     dst.seek(0, os.SEEK_END)
 
 
-def assemble(base: Path, base_sha256: str, expect_version: str, out_tmp: Path, *, label: str,
+def assemble(base: Path, out_tmp: Path, *, label: str,
              drop_prefixes: tuple[str, ...], replace: dict[str, bytes], add: dict[str, bytes],
              requires: list[str], stamp: tuple[str, bytes], epoch: int) -> Forged:
     """Write the forged wheel to out_tmp. Members under drop_prefixes and in replace are
     not copied; replace + add are written anew; dist-info is renamed, METADATA merged, RECORD
-    regenerated. Raises ForgeError if the base is not the pinned one."""
+    regenerated. The caller checks the base's sha256 (build hashes it in parallel)."""
     date_time = time.gmtime(max(epoch, 315532800))[:6]  # zip cannot go before 1980
-    digest: list[str] = []
-    hasher = threading.Thread(target=_hash_file, args=(base, digest), daemon=True)
-    hasher.start()
     with open_wheel(base) as zin:
         di = dist_info_dir(zin, str(base))
-        got_version = metadata_version(zin, di)
-        if got_version != expect_version:
-            raise ForgeError(f"base wheel {base.name} is vLLM {got_version}, not {expect_version}",
-                             f"pass the vLLM {expect_version} wheel, or --vllm {got_version}")
         names = forged_names(base, zin, label)
         base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
@@ -217,11 +215,6 @@ def assemble(base: Path, base_sha256: str, expect_version: str, out_tmp: Path, *
             zi = zipfile.ZipInfo(record_name, date_time)
             zi.compress_type, zi.external_attr, zi.create_system = zipfile.ZIP_DEFLATED, FILE_MODE, 3
             zout.writestr(zi, buf.getvalue(), compresslevel=6)
-    hasher.join()
-    if digest != [base_sha256]:
-        raise ForgeError(
-            f"sha256 mismatch for base wheel {base}: expected {base_sha256}, got {digest[0] if digest else '?'}",
-            "the file is corrupt, truncated or another build; delete it and download it again")
     return names
 
 

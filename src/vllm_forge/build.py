@@ -8,11 +8,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 from . import __version__
-from .assemble import assemble, dist_info_dir, fsync_path, open_wheel
+from .assemble import assemble, fsync_path, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, get_fa4_sources
 from .fetch import Index, cache_dir, sha256_file
@@ -27,17 +28,15 @@ class BuildResult:
     manifest: Path
 
 
-def source_date_epoch(base: Path) -> tuple[int, str]:
+def source_date_epoch(base_stamp: int) -> tuple[int, str]:
     """SOURCE_DATE_EPOCH if set, else the base wheel's METADATA timestamp (same inputs, same bytes)."""
     env = os.environ.get("SOURCE_DATE_EPOCH")
-    if env:
-        try:
-            return int(env), "SOURCE_DATE_EPOCH"
-        except ValueError:
-            raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer", "unset it or give seconds since 1970") from None
-    with open_wheel(base) as zf:
-        y, mo, d, h, mi, s = zf.getinfo(f"{dist_info_dir(zf, base.name)}/METADATA").date_time
-    return int(time.mktime((y, mo, d, h, mi, s, 0, 0, 0)) - time.timezone), "base wheel METADATA timestamp"
+    if not env:
+        return base_stamp, "base wheel METADATA timestamp"
+    try:
+        return int(env), "SOURCE_DATE_EPOCH"
+    except ValueError:
+        raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer", "unset it or give seconds since 1970") from None
 
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
@@ -69,12 +68,12 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_wheel: Path | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix="vllm-forge-") as work:
-            fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
-            with open_wheel(base) as zf:
-                base_files = {p: zf.read(p) for p in overlay.paths if p in zf.NameToInfo}
+        with tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, ThreadPoolExecutor(2) as pool:
+            base_digest = pool.submit(sha256_file, base)  # overlaps FA4, overlay and repack
+            base_files, base_stamp = read_base(base, vpin.version, overlay.paths)
             ov = overlay.apply(base_files)
-            epoch, epoch_from = source_date_epoch(base)
+            fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
+            epoch, epoch_from = source_date_epoch(base_stamp)
             stamp = {
                 "tool": f"vllm-forge {__version__}",
                 "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
@@ -97,17 +96,22 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
             os.umask(umask)
             tmp_wheel.chmod(0o666 & ~umask)
             forged = assemble(
-                base, vpin.wheel_sha256, vpin.version, tmp_wheel, label=f"fa4.{pins.fa.short}",
+                base, tmp_wheel, label=f"fa4.{pins.fa.short}",
                 drop_prefixes=(WHEEL_CUTE + "/",), replace=ov.files,
                 add={f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()},
                 requires=list(pins.fa.requires),
                 stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
             final = out_dir / forged.filename
+            out_digest = pool.submit(sha256_file, tmp_wheel)
+            if base_digest.result() != vpin.wheel_sha256:
+                raise ForgeError(f"sha256 mismatch for base wheel {base}: expected {vpin.wheel_sha256}, "
+                                 f"got {base_digest.result()}",
+                                 "the file is corrupt, truncated or another build; delete it and download it again")
             report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
                                   name=forged.filename)
             manifest = {
                 **stamp,
-                "output": {"wheel": forged.filename, "sha256": sha256_file(tmp_wheel),
+                "output": {"wheel": forged.filename, "sha256": out_digest.result(),
                            "size": tmp_wheel.stat().st_size},
                 "inputs": {
                     "base_wheel": {"file": vpin.wheel, "sha256": vpin.wheel_sha256, "mirror": base_origin},
