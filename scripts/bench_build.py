@@ -19,7 +19,6 @@ from pathlib import Path
 from vllm_forge.fetch import cache_dir
 from vllm_forge.pins import load_pins
 
-
 VERIFIED_COPY = """
 import hashlib, shutil, sys
 h = hashlib.sha256()

@@ -8,13 +8,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import real_wheel, run_cli
 
 from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import CUTE
 from vllm_forge.overlay import load_overlay
 from vllm_forge.pins import data_dir
-
-from conftest import real_wheel, run_cli
 
 
 def refused(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:

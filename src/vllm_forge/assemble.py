@@ -12,8 +12,8 @@ import base64
 import calendar
 import copy
 import csv
-import io
 import hashlib
+import io
 import os
 import time
 import zipfile
@@ -146,7 +146,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
         base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
         ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
-        keep = [(i, e) for i, e in zip(infos, ends)
+        keep = [(i, e) for i, e in zip(infos, ends, strict=True)
                 if not i.filename.startswith((di + "/",) + drop_prefixes) and i.filename not in replace]
         records: list[RecordEntry] = []
         total = sum(e - i.header_offset for i, e in keep)
@@ -187,7 +187,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
                 else:
                     records.append(record_entry(info.filename, zin.read(info)))
             zout.start_dir = raw.tell()
-            zout._didModify = True  # noqa: SLF001 - raw-copied members, central directory by zipfile
+            zout._didModify = True  # type: ignore[attr-defined]  # raw-copied members: zipfile writes their directory
 
             def write(name: str, data: bytes) -> None:
                 zi = zipfile.ZipInfo(name, date_time)

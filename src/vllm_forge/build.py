@@ -7,8 +7,8 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -36,7 +36,8 @@ def source_date_epoch(base_stamp: int) -> tuple[int, str]:
     try:
         return int(env), "SOURCE_DATE_EPOCH"
     except ValueError:
-        raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer", "unset it or give seconds since 1970") from None
+        raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer",
+                         "unset it or give seconds since 1970") from None
 
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
@@ -85,7 +86,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
                 "overlay": {
                     "id": ov.overlay_id,
                     "files": {p: {"base_sha256": ov.bases[p], "patch": a.name, "patch_sha256": a.sha256}
-                              for p, a in zip(sorted(ov.files), ov.patches)},
+                              for p, a in ov.patches.items()},
                 },
                 "source_date_epoch": epoch,
             }

@@ -14,9 +14,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import git
 
@@ -105,10 +105,10 @@ def from_git(url: str, commit: str) -> Tree:
     except KeyError:
         raise ForgeError(f"commit {commit} of {url} has no {CUTE}", "not a flash-attention repository") from None
     tree: Tree = {}
-    for blob in sub.traverse():
-        if blob.type == "blob" and blob.path.endswith(".py"):
-            rel = blob.path[len(CUTE) + 1:]
-            tree[str(safe_member_name(rel, f"{url}@{commit[:12]}"))] = blob.data_stream.read()
+    for item in sub.traverse():
+        if isinstance(item, git.Blob) and str(item.path).endswith(".py"):
+            rel = str(item.path)[len(CUTE) + 1:]
+            tree[str(safe_member_name(rel, f"{url}@{commit[:12]}"))] = item.data_stream.read()
     return tree
 
 
@@ -133,7 +133,7 @@ def from_wheel(pin: FaPin, index: Callable[[], Index], project: str) -> tuple[Tr
             members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
             if members:
                 ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
-                nxt = {a.header_offset: b.header_offset for a, b in zip(ends, ends[1:])}
+                nxt = {a.header_offset: b.header_offset for a, b in zip(ends, ends[1:], strict=False)}
                 start = min(i.header_offset for i in members)
                 end = max(nxt.get(i.header_offset, remote.size) for i in members)
                 remote.prefetch(start, end)

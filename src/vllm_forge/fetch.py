@@ -16,8 +16,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from .errors import ForgeError
 
@@ -137,7 +138,8 @@ class Index:
         if entry is None:
             raise ForgeError(f"{filename} is not on the package index {self.url}{project}/",
                              "check the pin in pins.json or use --base-wheel")
-        listed = entry.get("hashes", {}).get("sha256")  # type: ignore[union-attr]
+        hashes = entry.get("hashes")
+        listed = hashes.get("sha256") if isinstance(hashes, dict) else None
         if listed and listed != sha256:
             raise ForgeError(f"the index lists sha256 {listed} for {filename}, the pin says {sha256}",
                              "the index or the pin is wrong; do not build from it")
@@ -170,7 +172,7 @@ class Index:
             raise
         return target
 
-    def open_remote(self, project: str, filename: str, sha256: str) -> "RemoteFile":
+    def open_remote(self, project: str, filename: str, sha256: str) -> RemoteFile:
         return RemoteFile(self.file_url(project, filename, sha256), self._open)
 
 

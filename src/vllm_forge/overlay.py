@@ -26,7 +26,7 @@ class OverlayResult:
     overlay_id: str
     files: dict[str, bytes]          # wheel path -> replacement content
     bases: dict[str, str]            # wheel path -> base sha256
-    patches: list[AppliedPatch]
+    patches: dict[str, AppliedPatch]  # wheel path -> the patch applied to it
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,6 @@ class Overlay:
     def paths(self) -> list[str]:
         return sorted(self.patches)
 
-    def results(self) -> dict[str, str]:
-        """wheel path -> the result sha256s this overlay may produce for it."""
-        out: dict[str, str] = {}
-        for b in self.bases.values():
-            if b["overlay"] == self.overlay_id:
-                out.setdefault(b["path"], b["result_sha256"])
-        return out
-
     def result_shas(self, path: str) -> set[str]:
         return {b["result_sha256"] for b in self.bases.values()
                 if b["overlay"] == self.overlay_id and b["path"] == path}
@@ -55,7 +47,7 @@ class Overlay:
     def apply(self, base_files: dict[str, bytes]) -> OverlayResult:
         out: dict[str, bytes] = {}
         bases: dict[str, str] = {}
-        applied: list[AppliedPatch] = []
+        applied: dict[str, AppliedPatch] = {}
         with tempfile.TemporaryDirectory(prefix="vllm-forge-overlay-") as tmp:
             work = Path(tmp) / "tree"
             for path in self.paths:
@@ -75,7 +67,7 @@ class Overlay:
                 dst = work / path
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(data)
-                applied.append(apply_patch(self.root / self.patches[path], work))
+                applied[path] = apply_patch(self.root / self.patches[path], work)
                 result = dst.read_bytes()
                 if sha256(result) != entry["result_sha256"]:
                     raise ForgeError(
