@@ -26,20 +26,7 @@ def pins() -> Pins:
 def real_wheel(version: str) -> Path:
     """The real upstream wheel of a pinned (or mirror) vLLM version, sha256-checked."""
     p = load_pins()
-    if version == p.fa.wheel_mirror.version:
-        name, sha = p.fa.wheel_mirror.wheel, p.fa.wheel_mirror.wheel_sha256
-    elif version in p.vllm:
-        name, sha = p.vllm[version].wheel, p.vllm[version].wheel_sha256
-    else:
-        name, sha = EXTRA_WHEELS[version]
-    return cached_download(index, p.index_project, name, sha)
-
-
-# Real releases used as bad inputs (sha256 from the package index, see FACTS.md).
-EXTRA_WHEELS = {
-    "0.18.1": ("vllm-0.18.1-cp38-abi3-manylinux_2_31_x86_64.whl",
-               "33d6d81299dedd45dde43fef261fbad2d513ed80e7cf7e64fb5880e8cf8ea105"),
-}
+    return cached_download(index, p.index_project, p.vllm[version].wheel, p.vllm[version].wheel_sha256)
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +45,22 @@ def fa_upstream(tmp_path_factory: pytest.TempPathFactory, pins: Pins) -> Path:
     return root
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--forge-vllm", default="0.19.1", help="vLLM release the behaviour tests forge and import")
+
+
 @pytest.fixture(scope="session")
 def forged(tmp_path_factory: pytest.TempPathFactory, base_wheel: Path) -> BuildResult:
     return build("0.19.1", tmp_path_factory.mktemp("forged"))
+
+
+@pytest.fixture(scope="session")
+def forged_for_behaviour(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+    version = request.config.getoption("--forge-vllm")
+    if version == "0.19.1":
+        return request.getfixturevalue("forged")  # type: ignore[no-any-return]
+    real_wheel(version)
+    return build(version, tmp_path_factory.mktemp(f"forged-{version}"))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

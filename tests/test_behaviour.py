@@ -23,10 +23,13 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="session")
-def vllm(forged: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNamespace]:
+def vllm(forged_for_behaviour: BuildResult,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNamespace]:
     site = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--no-index",
-                    "--target", str(site), str(forged.wheel)], check=True)
+                    "--target", str(site), str(forged_for_behaviour.wheel)], check=True)
+    dist_info = forged_for_behaviour.wheel.name.split("-")[:2]
+    assert (site / f"{'-'.join(dist_info)}.dist-info").is_dir()
     sys.path.insert(0, str(site))
     import vllm.platforms as platforms
     from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum

@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
 
+    r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
+    r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
+    r.add_argument("--to", dest="to_version", required=True, help="the release to port it to (pinned in pins.json)")
+    r.add_argument("--data-dir", type=Path, help="where pins.json and vllm_overlay/ are written (default: the tool's)")
+    r.add_argument("--force", action="store_true", help="merge even into a release that already carries the fix")
+
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -35,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches)
             print(result.wheel)
+        elif args.cmd == "refresh":
+            from .refresh import refresh
+
+            rep = refresh(args.from_version, args.to_version, args.data_dir, args.force)
+            print(f"overlay {rep.overlay_id}: {len(rep.merged)} file(s) merged ({', '.join(rep.merged) or '-'}), "
+                  f"{len(rep.reused)} reused")
         else:
             from .verify import verify_wheel
 

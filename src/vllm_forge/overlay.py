@@ -1,7 +1,7 @@
 """Stage 3, overlay: turn the real base files of a vLLM wheel into their replacements.
 
 The overlay is our hunks (vllm_overlay/<id>/*.patch) plus a manifest keyed by the sha256 of
-the base files they apply to, and the sha256 each result must have.
+the base files they apply to, with the sha256 each overlay must produce from that base.
 """
 
 from __future__ import annotations
@@ -11,77 +11,109 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ForgeError
 from .patching import AppliedPatch, apply_patch
 from .pins import data_dir
+
+PAGED_KV_REFUSAL = b"FA4 with paged KV is not supported on SM90"
+HEAD_512_ACCEPTED = b"head_size <= 512"
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def carries_fix(base_files: dict[str, bytes]) -> list[str]:
+    """Evidence, read from the files themselves, that a vLLM release already has PR #38835."""
+    evidence = []
+    iface = base_files.get("vllm/vllm_flash_attn/flash_attn_interface.py", b"")
+    backend = base_files.get("vllm/v1/attention/backends/flash_attn.py", b"")
+    if iface and b"elif fa_version == 4:" in iface and PAGED_KV_REFUSAL not in iface:
+        evidence.append("flash_attn_interface.py has no SM90 paged-KV refusal in its FA4 branch")
+    if HEAD_512_ACCEPTED in backend:
+        evidence.append("flash_attn.py accepts head_size <= 512")
+    return evidence if len(evidence) == 2 else []
+
+
 @dataclass(frozen=True)
 class OverlayResult:
     overlay_id: str
-    files: dict[str, bytes]          # wheel path -> replacement content
-    bases: dict[str, str]            # wheel path -> base sha256
-    patches: dict[str, AppliedPatch]  # wheel path -> the patch applied to it
+    files: dict[str, bytes]              # wheel path -> replacement content
+    bases: dict[str, str]                # wheel path -> base sha256
+    patches: dict[str, AppliedPatch]     # wheel path -> the patch applied to it
 
 
 @dataclass(frozen=True)
 class Overlay:
     overlay_id: str
     root: Path
-    patches: dict[str, str]          # wheel path -> patch file (relative to root)
-    bases: dict[str, dict[str, str]]  # base sha256 -> {path, overlay, result_sha256}
+    patches: dict[str, str]              # wheel path -> patch file (relative to root)
+    bases: dict[str, dict[str, Any]]     # base sha256 -> {path, seen_in, results: {overlay id: sha256}}
 
     @property
     def paths(self) -> list[str]:
         return sorted(self.patches)
 
     def result_shas(self, path: str) -> set[str]:
-        return {b["result_sha256"] for b in self.bases.values()
-                if b["overlay"] == self.overlay_id and b["path"] == path}
+        return {b["results"][self.overlay_id] for b in self.bases.values()
+                if b["path"] == path and self.overlay_id in b["results"]}
+
+    def apply_one(self, path: str, data: bytes, work: Path) -> tuple[bytes, AppliedPatch]:
+        dst = work / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+        applied = apply_patch(self.root / self.patches[path], work)
+        return dst.read_bytes(), applied
 
     def apply(self, base_files: dict[str, bytes]) -> OverlayResult:
+        missing = [p for p in self.paths if p not in base_files]
+        if missing:
+            raise ForgeError(f"base wheel has no {missing[0]}", f"overlay {self.overlay_id} needs it")
         out: dict[str, bytes] = {}
         bases: dict[str, str] = {}
         applied: dict[str, AppliedPatch] = {}
         with tempfile.TemporaryDirectory(prefix="vllm-forge-overlay-") as tmp:
-            work = Path(tmp) / "tree"
             for path in self.paths:
-                if path not in base_files:
-                    raise ForgeError(f"base wheel has no {path}", f"overlay {self.overlay_id} needs it")
-                data = base_files[path]
-                got = sha256(data)
+                got = sha256(base_files[path])
                 entry = self.bases.get(got)
-                if entry is None or entry["path"] != path or entry["overlay"] != self.overlay_id:
-                    known = [s[:12] for s, b in self.bases.items() if b["path"] == path]
+                if entry is None or entry["path"] != path or self.overlay_id not in entry["results"]:
+                    fixed = carries_fix(base_files)
+                    if fixed:
+                        raise ForgeError(
+                            f"this vLLM already carries PR #38835 ({'; '.join(fixed)}): nothing to forge",
+                            "use the release as it is")
+                    known = [s[:12] for s, b in self.bases.items()
+                             if b["path"] == path and self.overlay_id in b["results"]]
                     raise ForgeError(
                         f"drifted base file {path}: sha256 {got} is not one overlay "
                         f"{self.overlay_id} was made for (knows {', '.join(known) or 'none'})",
-                        "port the overlay to this release (vllm-forge refresh) or pick a pinned version",
+                        "port the overlay with `vllm-forge refresh`, or pick a pinned version",
                     )
                 bases[path] = got
-                dst = work / path
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(data)
-                applied[path] = apply_patch(self.root / self.patches[path], work)
-                result = dst.read_bytes()
-                if sha256(result) != entry["result_sha256"]:
+                result, applied[path] = self.apply_one(path, base_files[path], Path(tmp))
+                want = entry["results"][self.overlay_id]
+                if sha256(result) != want:
                     raise ForgeError(
-                        f"overlay {self.overlay_id} produced {path} with sha256 {sha256(result)}, "
-                        f"expected {entry['result_sha256']}",
+                        f"overlay {self.overlay_id} produced {path} with sha256 {sha256(result)}, expected {want}",
                         "the overlay manifest and its patches disagree; regenerate the manifest",
                     )
                 out[path] = result
         return OverlayResult(self.overlay_id, out, bases, applied)
 
 
+def overlay_root(root: Path | None = None) -> Path:
+    return root or data_dir() / "vllm_overlay"
+
+
+def read_manifest(root: Path | None = None) -> dict[str, Any]:
+    return json.loads((overlay_root(root) / "manifest.json").read_text())  # type: ignore[no-any-return]
+
+
 def load_overlay(overlay_id: str, root: Path | None = None) -> Overlay:
-    root = root or data_dir() / "vllm_overlay"
-    manifest = json.loads((root / "manifest.json").read_text())
+    root = overlay_root(root)
+    manifest = read_manifest(root)
     try:
         spec = manifest["overlays"][overlay_id]
     except KeyError:
