@@ -78,18 +78,34 @@ def from_local(path: Path) -> Tree:
     return read_tree(path / CUTE, f"local checkout {path}")
 
 
-def from_git(url: str, commit: str) -> Tree:
-    """The pinned commit from a git mirror, kept in a bare repository in the cache."""
+def _git_mirror(url: str) -> git.Repo:
+    """A bare, blobless (partial-clone) repository in the cache for one mirror URL."""
     repo_dir = cache_dir() / "git" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
-    repo = git.Repo(str(repo_dir)) if repo_dir.is_dir() else git.Repo.init(str(repo_dir), bare=True)
+    if repo_dir.is_dir():
+        return git.Repo(str(repo_dir))
+    repo = git.Repo.init(str(repo_dir), bare=True)
+    with repo.config_writer() as cw:
+        cw.set_value('remote "origin"', "url", url)
+        cw.set_value('remote "origin"', "promisor", "true")
+        cw.set_value('remote "origin"', "partialclonefilter", "blob:none")
+        # local mirrors serve partial clones and single commits only when told to
+        cw.set_value('remote "origin"', "uploadpack",
+                     "git -c uploadpack.allowFilter=true -c uploadpack.allowAnySHA1InWant=true upload-pack")
+    return repo
+
+
+def from_git(url: str, commit: str) -> Tree:
+    """The pinned commit's flash_attn/cute from a git mirror: a shallow, blobless fetch of that
+    commit; only the blobs of flash_attn/cute are then fetched (lazily, by git)."""
+    repo = _git_mirror(url)
     try:
         commit_obj = repo.commit(commit)
     except (ValueError, git.BadName):
         print(f"  git: fetching {commit[:12]} from {url}", file=sys.stderr, flush=True)
         errors = []
-        for refspec in ([commit], ["+refs/heads/*:refs/remotes/mirror/*", "+refs/tags/*:refs/tags/*"]):
+        for args in (["--depth=1", commit], ["+refs/heads/*:refs/remotes/origin/*"]):
             try:
-                repo.git.fetch(url, *refspec, "--depth=1" if refspec == [commit] else "--no-tags")
+                repo.git.fetch("--filter=blob:none", "--no-tags", "origin", *args)
             except git.GitCommandError as e:
                 errors.append(str(e.stderr).strip().splitlines()[-1] if e.stderr else str(e))
             try:
@@ -105,10 +121,14 @@ def from_git(url: str, commit: str) -> Tree:
     except KeyError:
         raise ForgeError(f"commit {commit} of {url} has no {CUTE}", "not a flash-attention repository") from None
     tree: Tree = {}
-    for item in sub.traverse():
-        if isinstance(item, git.Blob) and str(item.path).endswith(".py"):
-            rel = str(item.path)[len(CUTE) + 1:]
-            tree[str(safe_member_name(rel, f"{url}@{commit[:12]}"))] = item.data_stream.read()
+    try:
+        for item in sub.traverse():
+            if isinstance(item, git.Blob) and str(item.path).endswith(".py"):
+                rel = str(item.path)[len(CUTE) + 1:]
+                tree[str(safe_member_name(rel, f"{url}@{commit[:12]}"))] = item.data_stream.read()
+    except (git.GitCommandError, ValueError) as e:
+        raise ForgeError(f"cannot read {CUTE} of {commit[:12]} from git mirror {url}: {e}",
+                         "check the network; the blobs are fetched on demand") from None
     return tree
 
 
