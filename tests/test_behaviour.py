@@ -185,3 +185,16 @@ def test_paged_fa4_call_reaches_kernel_on_sm90(gpu, fake_cute: list[dict[str, An
     monkeypatch.setattr(platforms, "_current_platform", _NoPlatform())
     v.fi.flash_attn_varlen_func(q, kv, kv, **args)
     assert len(fake_cute) == 2
+
+
+def test_fa4_refuses_mla_q_v(gpu, fake_cute: list[dict[str, Any]], monkeypatch) -> None:
+    """MLA's q_v has no FA4 path: refused with a clear error instead of silently dropped."""
+    v = gpu(9)
+    monkeypatch.setattr(v.fi, "_FA4_FWD", None)
+    q = torch.zeros(2, 16, 512, dtype=torch.bfloat16)
+    kv = torch.zeros(2, 16, 1, 512, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="FA4 does not take q_v"):
+        v.fi.flash_attn_varlen_func(q, kv, kv, max_seqlen_q=1, cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+                                    max_seqlen_k=16, seqused_k=torch.tensor([3, 4], dtype=torch.int32),
+                                    block_table=torch.tensor([[0], [1]], dtype=torch.int32), q_v=q, fa_version=4)
+    assert fake_cute == []

@@ -59,7 +59,7 @@ def test_behaviour_on_0_18_1() -> None:
                         str(REPO / "tests" / "test_behaviour.py"), "--forge-vllm", "0.18.1"],
                        capture_output=True, text=True, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
-    assert re.search(r"^8 passed", r.stdout, re.M), r.stdout[-500:]
+    assert re.search(r"^9 passed", r.stdout, re.M), r.stdout[-500:]
 
 
 @pytest.fixture
