@@ -68,7 +68,7 @@ def test_unchanged_members_are_bit_identical(forged: BuildResult, base_wheel: Pa
 def test_overlay_files_match_manifest(forged: BuildResult) -> None:
     manifest = json.loads((Path(__file__).parents[1] / "vllm_overlay" / "manifest.json").read_text())
     results = {b["path"]: b["results"]["fa4-sm90-hd512"] for b in manifest["bases"].values()
-               if "0.19.1" in b["seen_in"]}
+               if "fa4-sm90-hd512" in b["results"] and "0.19.1" in b["seen_in"]}
     with zipfile.ZipFile(forged.wheel) as out:
         for p in OVERLAID:
             assert hashlib.sha256(out.read(p)).hexdigest() == results[p]
@@ -83,8 +83,8 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["inputs"]["base_wheel"]["mirror"]
     assert m["inputs"]["flash_attention"]["tree_sha256"] == pins.fa.cute_tree_sha256
     assert m["inputs"]["flash_attention"]["mirror"]
-    assert m["overlay"]["id"] == "fa4-sm90-hd512"
-    assert len(m["overlay"]["files"]) == 3
+    assert m["overlay"]["layers"] == ["fa4-sm90-hd512"] and m["fa4_mode"] == "bundled"
+    assert len(m["overlay"]["files"]) == 3 and m["overlay"]["adds"] == {}
     assert m["flash_attention"]["patches"] == []
     assert m["tool"].startswith("vllm-forge ")
     assert isinstance(m["source_date_epoch"], int)

@@ -98,6 +98,33 @@ def merge_requires(metadata: str, new_version: str, requires: list[str]) -> str:
     return "\n".join(lines) + sep + body
 
 
+class MemberWriter:
+    """Writes new wheel members (fixed timestamp and mode) and collects their RECORD rows."""
+
+    def __init__(self, zout: zipfile.ZipFile, date_time: tuple[int, ...], records: list[RecordEntry]) -> None:
+        self.zout, self.date_time, self.records = zout, date_time, records
+
+    def _put(self, name: str, data: bytes) -> None:
+        zi = zipfile.ZipInfo(name, self.date_time)  # type: ignore[arg-type]
+        zi.compress_type, zi.external_attr, zi.create_system = zipfile.ZIP_DEFLATED, FILE_MODE, 3
+        self.zout.writestr(zi, data, compresslevel=6)
+
+    def write(self, name: str, data: bytes) -> None:
+        self._put(name, data)
+        self.records.append(record_entry(name, data))
+
+    def write_record(self, record_name: str) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerows(r.to_row() for r in self.records)
+        writer.writerow((record_name, "", ""))
+        self._put(record_name, buf.getvalue().encode())
+
+
+def zip_date_time(epoch: int) -> tuple[int, ...]:
+    return tuple(time.gmtime(max(epoch, 315532800))[:6])  # zip cannot go before 1980
+
+
 @dataclass(frozen=True)
 class Forged:
     filename: str
@@ -139,7 +166,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
     """Write the forged wheel to out_tmp. Members under drop_prefixes and in replace are
     not copied; replace + add are written anew; dist-info is renamed, METADATA merged, RECORD
     regenerated. The caller checks the base's sha256 (build hashes it in parallel)."""
-    date_time = time.gmtime(max(epoch, 315532800))[:6]  # zip cannot go before 1980
+    date_time = zip_date_time(epoch)
     with open_wheel(base) as zin:
         di = dist_info_dir(zin, str(base))
         names = forged_names(base, zin, label)
@@ -189,32 +216,18 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
             zout.start_dir = raw.tell()
             zout._didModify = True  # type: ignore[attr-defined]  # raw-copied members: zipfile writes their directory
 
-            def write(name: str, data: bytes) -> None:
-                zi = zipfile.ZipInfo(name, date_time)
-                zi.compress_type = zipfile.ZIP_DEFLATED
-                zi.external_attr = FILE_MODE
-                zi.create_system = 3
-                zout.writestr(zi, data, compresslevel=6)
-                records.append(record_entry(name, data))
-
+            out = MemberWriter(zout, date_time, records)
             for name in sorted(replace):
-                write(name, replace[name])
+                out.write(name, replace[name])
             for name in sorted(add):
-                write(name, add[name])
+                out.write(name, add[name])
             meta = merge_requires(zin.read(f"{di}/METADATA").decode(), names.version, requires)
-            write(f"{names.dist_info}/METADATA", meta.encode())
+            out.write(f"{names.dist_info}/METADATA", meta.encode())
             for info in zin.infolist():
                 if info.filename.startswith(di + "/") and info.filename.rsplit("/", 1)[1] not in ("METADATA", "RECORD"):
-                    write(names.dist_info + info.filename[len(di):], zin.read(info))
-            write(f"{names.dist_info}/{stamp[0]}", stamp[1])
-            record_name = f"{names.dist_info}/RECORD"
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerows(r.to_row() for r in records)
-            writer.writerow((record_name, "", ""))
-            zi = zipfile.ZipInfo(record_name, date_time)
-            zi.compress_type, zi.external_attr, zi.create_system = zipfile.ZIP_DEFLATED, FILE_MODE, 3
-            zout.writestr(zi, buf.getvalue(), compresslevel=6)
+                    out.write(names.dist_info + info.filename[len(di):], zin.read(info))
+            out.write(f"{names.dist_info}/{stamp[0]}", stamp[1])
+            out.write_record(f"{names.dist_info}/RECORD")
     return names
 
 

@@ -17,8 +17,9 @@ from .assemble import assemble, fsync_path, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, get_fa4_sources
 from .fetch import Index, cache_dir, sha256_file
-from .overlay import load_overlay
-from .pins import load_pins
+from .fa4_wheel import fa4_wheel_version
+from .overlay import load_stack, sha256
+from .pins import FA4_MODES, SYSTEM_LAYER, load_pins, version_label
 from .verify import STAMP, verify_wheel
 
 
@@ -42,11 +43,13 @@ def source_date_epoch(base_stamp: int) -> tuple[int, str]:
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
-          fa_patch_dir: Path | None = None) -> BuildResult:
+          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled") -> BuildResult:
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
-    overlay = load_overlay(vpin.overlay)
+    if fa4_mode not in FA4_MODES:
+        raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
+    stack = load_stack([vpin.overlay] + ([SYSTEM_LAYER] if fa4_mode != "bundled" else []))
     index = cache(lambda: Index(index_url))
     project = pins.index_project
 
@@ -63,7 +66,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
     print(f"vllm-forge {__version__}: vLLM {vpin.version} + flash-attention {pins.fa.short} "
-          f"(overlay {overlay.overlay_id})", file=sys.stderr)
+          f"(overlay {' + '.join(stack.ids)}, FA4 {fa4_mode})", file=sys.stderr)
 
     created_out = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,8 +74,9 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     try:
         with tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, ThreadPoolExecutor(2) as pool:
             base_digest = pool.submit(sha256_file, base)  # overlaps FA4, overlay and repack
-            base_files, base_stamp = read_base(base, vpin.version, overlay.paths)
-            ov = overlay.apply(base_files)
+            base_files, base_stamp = read_base(base, vpin.version, stack.paths)
+            overlaid, done = stack.apply(base_files)
+            adds = stack.adds()
             fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
             epoch, epoch_from = source_date_epoch(base_stamp)
             stamp = {
@@ -83,10 +87,11 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
                     "tree_sha256": fa.tree_sha256,
                     "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
                 },
+                "fa4_mode": fa4_mode,
                 "overlay": {
-                    "id": ov.overlay_id,
-                    "files": {p: {"base_sha256": ov.bases[p], "patch": a.name, "patch_sha256": a.sha256}
-                              for p, a in ov.patches.items()},
+                    "layers": stack.ids,
+                    "files": done,
+                    "adds": {p: sha256(d) for p, d in sorted(adds.items())},
                 },
                 "source_date_epoch": epoch,
             }
@@ -96,11 +101,12 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
             umask = os.umask(0)
             os.umask(umask)
             tmp_wheel.chmod(0o666 & ~umask)
+            bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
+            system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
             forged = assemble(
-                base, tmp_wheel, label=f"fa4.{pins.fa.short}",
-                drop_prefixes=(WHEEL_CUTE + "/",), replace=ov.files,
-                add={f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()},
-                requires=list(pins.fa.requires),
+                base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode),
+                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
+                requires=list(pins.fa.requires) + (system_req if fa4_mode == "system" else []),
                 stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
             final = out_dir / forged.filename
             out_digest = pool.submit(sha256_file, tmp_wheel)

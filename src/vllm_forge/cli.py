@@ -22,11 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fa-src", help="flash-attention source: a local checkout or a git URL (only that mirror)")
     b.add_argument("--index-url", help="package index simple API (default: pip's)")
     b.add_argument("--fa-patches", type=Path, help="flash-attention patch directory (default: patches/flash-attention)")
+    b.add_argument("--fa4", choices=("bundled", "system", "both"), default="bundled",
+                   help="FA4 in the wheel (bundled), from a separately installed flash-attn-4 (system), "
+                        "or bundled with system FA4 selectable (both)")
 
     v = sub.add_parser("verify", help="static checks of a forged wheel")
     v.add_argument("wheel", type=Path)
     v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
+
+    f = sub.add_parser("build-fa4-wheel", help="a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)")
+    f.add_argument("--out", type=Path, default=Path("dist"))
+    f.add_argument("--fa-src", help="flash-attention source: a local checkout or a git URL (only that mirror)")
+    f.add_argument("--index-url", help="package index simple API (default: pip's)")
+    f.add_argument("--fa-patches", type=Path, help="flash-attention patch directory (default: patches/flash-attention)")
 
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
@@ -39,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             from .build import build
 
-            result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches)
+            result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
+                           args.fa4)
             print(result.wheel)
+        elif args.cmd == "build-fa4-wheel":
+            from .fa4_wheel import build_fa4_wheel
+
+            print(build_fa4_wheel(args.out, args.fa_src, args.index_url, args.fa_patches).wheel)
         elif args.cmd == "refresh":
             from .refresh import refresh
 

@@ -43,6 +43,7 @@ def tree_sha256(tree: Tree) -> str:
 @dataclass
 class Fa4Sources:
     files: Tree                 # rewritten (vllm.vllm_flash_attn.cute) and patched
+    upstream: Tree              # patched, upstream imports (flash_attn.cute)
     mirror: str
     pin_tree_sha256: str        # verified against pins.json
     tree_sha256: str            # after patches; equals pin_tree_sha256 without patches
@@ -237,12 +238,13 @@ def get_fa4_sources(pin: FaPin, work: Path, index: Callable[[], Index], project:
         print(f"  FA4 sources: {len(rewritten)} files from {mirror}, tree hash verified", file=sys.stderr)
         if name != "cache":
             _store_in_cache(upstream, pin.commit)
-        result = Fa4Sources(rewritten, mirror, got, got)
+        result = Fa4Sources(rewritten, upstream, mirror, got, got)
         patch_dir = patch_dir if patch_dir is not None else data_dir() / "patches" / "flash-attention"
         if patch_dir.is_dir():
             result.patches = apply_series(patch_dir, staging)
         if result.patches:
             result.files = cmake_install_fa4(staging, work)
+            result.upstream = read_tree(staging / CUTE, "patched flash-attention")
             result.tree_sha256 = tree_sha256(result.files)
         return result
     raise ForgeError(

@@ -51,6 +51,7 @@ class Overlay:
     root: Path
     patches: dict[str, str]              # wheel path -> patch file (relative to root)
     bases: dict[str, dict[str, Any]]     # base sha256 -> {path, seen_in, results: {overlay id: sha256}}
+    adds: dict[str, str]                 # wheel path -> a file of ours (relative to root), added as is
 
     @property
     def paths(self) -> list[str]:
@@ -67,7 +68,8 @@ class Overlay:
         applied = apply_patch(self.root / self.patches[path], work)
         return dst.read_bytes(), applied
 
-    def apply(self, base_files: dict[str, bytes]) -> OverlayResult:
+    def apply(self, base_files: dict[str, bytes], release_files: bool = True) -> OverlayResult:
+        """Apply to base_files (a release's own files, or the result of the layers below)."""
         missing = [p for p in self.paths if p not in base_files]
         if missing:
             raise ForgeError(f"base wheel has no {missing[0]}", f"overlay {self.overlay_id} needs it")
@@ -79,7 +81,7 @@ class Overlay:
                 got = sha256(base_files[path])
                 entry = self.bases.get(got)
                 if entry is None or entry["path"] != path or self.overlay_id not in entry["results"]:
-                    fixed = carries_fix(base_files)
+                    fixed = carries_fix(base_files) if release_files else []
                     if fixed:
                         raise ForgeError(
                             f"this vLLM already carries PR #38835 ({'; '.join(fixed)}): nothing to forge",
@@ -119,4 +121,43 @@ def load_overlay(overlay_id: str, root: Path | None = None) -> Overlay:
     except KeyError:
         raise ForgeError(f"unknown overlay {overlay_id!r} in {root / 'manifest.json'}",
                          "check the overlay id in pins.json") from None
-    return Overlay(overlay_id, root, dict(spec["files"]), dict(manifest["bases"]))
+    return Overlay(overlay_id, root, dict(spec["files"]), dict(manifest["bases"]), dict(spec.get("adds", {})))
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Overlays applied in order, each on the result of the ones before."""
+
+    layers: list[Overlay]
+
+    @property
+    def ids(self) -> list[str]:
+        return [o.overlay_id for o in self.layers]
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({p for o in self.layers for p in o.paths})
+
+    def adds(self) -> dict[str, bytes]:
+        return {p: (o.root / src).read_bytes() for o in self.layers for p, src in o.adds.items()}
+
+    def apply(self, base_files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, list[dict[str, str]]]]:
+        """Final content of every overlaid path, and per path what each layer did to it."""
+        current = dict(base_files)
+        done: dict[str, list[dict[str, str]]] = {}
+        for i, layer in enumerate(self.layers):
+            result = layer.apply({p: current[p] for p in layer.paths if p in current}, release_files=i == 0)
+            current.update(result.files)
+            for p, a in result.patches.items():
+                done.setdefault(p, []).append({"overlay": layer.overlay_id, "base_sha256": result.bases[p],
+                                               "patch": a.name, "patch_sha256": a.sha256})
+        return {p: current[p] for p in self.paths}, done
+
+    def final_shas(self, path: str) -> set[str]:
+        """The sha256s the last layer touching path may leave it with."""
+        last = [o for o in self.layers if path in o.patches][-1]
+        return last.result_shas(path)
+
+
+def load_stack(ids: list[str], root: Path | None = None) -> Stack:
+    return Stack([load_overlay(i, root) for i in ids])

@@ -26,6 +26,15 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+FA4_MODES = ("bundled", "system", "both")
+SYSTEM_LAYER = "system-fa4"  # the overlay layered on top for --fa4 system|both
+
+
+def version_label(short: str, fa4_mode: str) -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.system|.both]."""
+    return f"fa4.{short}" if fa4_mode == "bundled" else f"fa4.{short}.{fa4_mode}"
+
+
 @dataclass(frozen=True)
 class VllmPin:
     version: str
@@ -46,13 +55,25 @@ class WheelMirror:
 
 
 @dataclass(frozen=True)
+class Fa4Wheel:
+    name: str
+    upstream_version: str
+    upstream_version_source: str
+    requires: tuple[str, ...]
+    requires_python: str
+    license: str
+
+
+@dataclass(frozen=True)
 class FaPin:
     git_repository: str
     commit: str
     cute_tree_sha256: str
     cute_file_count: int
+    commit_epoch: int
     requires: tuple[str, ...]
     wheel_mirror: WheelMirror
+    fa4_wheel: Fa4Wheel
 
     @property
     def short(self) -> str:
@@ -94,8 +115,10 @@ def load_pins(path: Path | None = None) -> Pins:
                 commit=fa["commit"],
                 cute_tree_sha256=fa["cute_tree_sha256"],
                 cute_file_count=fa["cute_file_count"],
+                commit_epoch=fa["commit_epoch"],
                 requires=tuple(fa["requires"]),
                 wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
+                fa4_wheel=Fa4Wheel(**{**fa["fa4_wheel"], "requires": tuple(fa["fa4_wheel"]["requires"])}),
             ),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:

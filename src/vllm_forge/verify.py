@@ -15,9 +15,9 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from .assemble import dist_info_dir, metadata_version, open_wheel, record_entry
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, tree_sha256
-from .overlay import load_overlay
+from .overlay import load_stack
 from .patching import read_series
-from .pins import Pins, data_dir, load_pins
+from .pins import Pins, data_dir, load_pins, version_label
 
 STAMP = "vllm_forge.json"
 
@@ -60,7 +60,8 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
             raise _fail(path, f"no {di}/{STAMP}: not a vllm-forge wheel") from None
         vpin = pins.for_version(stamp["vllm"]["version"])
         fa = pins.fa
-        expect = f"{vpin.version}+fa4.{fa.short}"
+        mode = stamp.get("fa4_mode", "bundled")
+        expect = f"{vpin.version}+{version_label(fa.short, mode)}"
         if str(version) != expect or stamp["flash_attention"]["commit"] != fa.commit:
             raise _fail(path, f"version {version} / FA commit {stamp['flash_attention']['commit'][:12]} "
                               f"do not match the pins ({expect})")
@@ -78,7 +79,9 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         extra = sorted(set(rows) - set(members))
         if missing or extra:
             raise _fail(path, f"RECORD does not list {missing[:3]} / lists absent {extra[:3]}")
-        written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in stamp["overlay"]["files"]]
+        stack = load_stack(stamp["overlay"]["layers"])
+        ours = set(stack.paths) | set(stamp["overlay"]["adds"])
+        written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in ours]
         for n in written:
             if n == record_name:
                 continue
@@ -90,12 +93,16 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         cute = {n[len(WHEEL_CUTE) + 1:]: zf.read(n) for n in members if n.startswith(WHEEL_CUTE + "/")}
         if any(not n.endswith(".py") for n in cute):
             raise _fail(path, f"non-.py files under {WHEEL_CUTE}")
+        if mode == "system" and cute:
+            raise _fail(path, f"a --fa4 system wheel bundles {WHEEL_CUTE}")
         got_tree = tree_sha256(cute)
         s_fa = stamp["flash_attention"]
         if s_fa["pin_tree_sha256"] != fa.cute_tree_sha256:
             raise _fail(path, "stamp's pinned FA4 tree hash differs from pins.json")
         patch_dir = fa_patch_dir if fa_patch_dir is not None else data_dir() / "patches" / "flash-attention"
-        if not s_fa["patches"]:
+        if mode == "system":
+            report.ok(f"FA4: none bundled (system FA4, {fa.fa4_wheel.name} required)")
+        elif not s_fa["patches"]:
             if got_tree != fa.cute_tree_sha256:
                 raise _fail(path, f"FA4 tree hash {got_tree} != pinned {fa.cute_tree_sha256}")
             report.ok(f"FA4 tree: {len(cute)} files, hash = pin {fa.cute_tree_sha256[:12]}")
@@ -111,12 +118,15 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
                       f"hash {got_tree[:12]}")
 
         # overlay
-        overlay = load_overlay(stamp["overlay"]["id"])
-        for p in overlay.paths:
+        for p in stack.paths:
             got = hashlib.sha256(zf.read(p)).hexdigest()
-            if got not in overlay.result_shas(p):
-                raise _fail(path, f"{p} (sha256 {got[:12]}) is not a result of overlay {overlay.overlay_id}")
-        report.ok(f"overlay {overlay.overlay_id}: {len(overlay.paths)} files match their result sha256")
+            if got not in stack.final_shas(p):
+                raise _fail(path, f"{p} (sha256 {got[:12]}) is not a result of overlay {' + '.join(stack.ids)}")
+        for p, data in stack.adds().items():
+            if zf.read(p) != data:
+                raise _fail(path, f"{p} differs from overlay file of vllm-forge")
+        report.ok(f"overlay {' + '.join(stack.ids)}: {len(stack.paths)} files match their result sha256"
+                  + (f", {len(stack.adds())} added" if stack.adds() else ""))
 
         # metadata
         meta = zf.read(f"{di}/METADATA").decode()
