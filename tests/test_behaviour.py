@@ -8,6 +8,7 @@ GPU here.
 
 from __future__ import annotations
 
+import importlib.machinery
 import subprocess
 import sys
 import types
@@ -65,7 +66,8 @@ def gpu(vllm: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch):
 
     def set_device(major: int, fa4: bool = True) -> types.SimpleNamespace:
         monkeypatch.setattr(vllm.FakeGpu, "capability", vllm.DeviceCapability(major, 0))
-        monkeypatch.setattr(vllm.fi, "FA4_AVAILABLE", fa4)
+        if not fa4:  # otherwise as the wheel has it: bundled cute/interface.py present or not
+            monkeypatch.setattr(vllm.fi, "FA4_AVAILABLE", False)
         vllm.fa_utils.fa4_supported.cache_clear()
         return vllm
 
@@ -198,3 +200,94 @@ def test_fa4_refuses_mla_q_v(gpu, fake_cute: list[dict[str, Any]], monkeypatch) 
                                     max_seqlen_k=16, seqused_k=torch.tensor([3, 4], dtype=torch.int32),
                                     block_table=torch.tensor([[0], [1]], dtype=torch.int32), q_v=q, fa_version=4)
     assert fake_cute == []
+
+
+# --- system FA4 (wheels forged with --fa4 both|system; run by test_versions in a subprocess) ---
+
+@pytest.fixture
+def system_fa4(vllm: types.SimpleNamespace, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    mode = request.config.getoption("--forge-fa4")
+    if mode == "bundled":
+        pytest.skip("needs a wheel forged with --fa4 both|system (see test_versions.py)")
+    import vllm.vllm_flash_attn.forge_system_fa4 as sf
+
+    def install(accepts_head_512: bool | None) -> list[dict[str, Any]]:
+        """None: no flash_attn installed. Otherwise a stand-in flash_attn.cute with the
+        pinned FA4's head-dim check (True) or PyPI flash-attn-4 4.0.0b36's (False)."""
+        seen: list[dict[str, Any]] = []
+        monkeypatch.setattr(sf, "_choice", None)
+        sf.unusable_reason.cache_clear()
+        vllm.fa_utils.fa4_supported.cache_clear()
+        monkeypatch.setattr(vllm.fi, "_FA4_FWD", None)
+        for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        if accepts_head_512 is None:
+            return seen
+        limit = 512 if accepts_head_512 else 256
+
+        def _validate_head_dims(head_dim: int, head_dim_v: int, cc: int, alignment: int) -> None:
+            assert cc != 9 or (8 <= head_dim <= limit and 8 <= head_dim_v <= limit), f"must be <= {limit}"
+
+        def _flash_attn_fwd(q, k, v, **kw):  # type: ignore[no-untyped-def]
+            seen.append(kw)
+            return kw["out"], None
+
+        for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"):
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            mod.__path__ = []  # type: ignore[attr-defined]
+            monkeypatch.setitem(sys.modules, name, mod)
+        iface = sys.modules["flash_attn.cute.interface"]
+        iface._validate_head_dims = _validate_head_dims  # type: ignore[attr-defined]
+        iface._flash_attn_fwd = _flash_attn_fwd  # type: ignore[attr-defined]
+        monkeypatch.setattr(sf.inspect, "getsource", lambda m: "stand-in source")
+        return seen
+
+    yield types.SimpleNamespace(mode=mode, sf=sf, install=install)
+    vllm.fa_utils.fa4_supported.cache_clear()
+
+
+def _paged_call(v: types.SimpleNamespace) -> None:
+    q = torch.zeros(2, 32, 512, dtype=torch.bfloat16)
+    kv = torch.zeros(2, 16, 4, 512, dtype=torch.bfloat16)
+    v.fi.flash_attn_varlen_func(q, kv, kv, max_seqlen_q=1, cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+                                max_seqlen_k=16, seqused_k=torch.tensor([3, 4], dtype=torch.int32),
+                                block_table=torch.tensor([[0], [1]], dtype=torch.int32), fa_version=4,
+                                out=torch.empty_like(q))
+
+
+def test_system_fa4_requested_by_env(gpu, system_fa4, monkeypatch) -> None:
+    v = gpu(9)
+    seen = system_fa4.install(accepts_head_512=True)
+    monkeypatch.setenv("VLLM_USE_SYSTEM_FLASH_ATTN", "1")
+    assert impl(v, 512).fa4_implementation == "system"
+    _paged_call(v)
+    assert seen and seen[0]["page_table"] is not None
+
+
+def test_system_fa4_requested_by_config(gpu, system_fa4, monkeypatch) -> None:
+    v = gpu(9)
+    system_fa4.install(accepts_head_512=True)
+    monkeypatch.delenv("VLLM_USE_SYSTEM_FLASH_ATTN", raising=False)
+    with v.set_config(v.VllmConfig(attention_config=v.AttentionConfig(use_system_flash_attn=True))):
+        assert system_fa4.sf.choose() == "system"
+
+
+def test_system_fa4_not_requested(gpu, system_fa4, monkeypatch) -> None:
+    gpu(9)
+    system_fa4.install(accepts_head_512=True)
+    monkeypatch.delenv("VLLM_USE_SYSTEM_FLASH_ATTN", raising=False)
+    assert system_fa4.sf.choose() == ("bundled" if system_fa4.mode == "both" else "system")
+
+
+@pytest.mark.parametrize("installed", [None, False], ids=["missing", "pypi-b36-limits-256"])
+def test_unusable_system_fa4_falls_back(gpu, system_fa4, monkeypatch, installed, caplog) -> None:
+    v = gpu(9)
+    system_fa4.install(accepts_head_512=installed)
+    monkeypatch.setenv("VLLM_USE_SYSTEM_FLASH_ATTN", "1")
+    fallback = "bundled" if system_fa4.mode == "both" else "none"
+    assert system_fa4.sf.choose() == fallback
+    assert system_fa4.sf.unusable_reason() is not None
+    # without any FA4, head 512 is not offered on FLASH_ATTN; with the bundled one it is
+    assert v.flash_attn.FlashAttentionBackend.supports_head_size(512) == (fallback == "bundled")
+    assert system_fa4.sf.choose() == fallback  # decided once

@@ -53,13 +53,20 @@ def test_0_22_0_recognised_by_content(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_behaviour_on_0_18_1() -> None:
-    real_wheel("0.18.1")
+@pytest.mark.parametrize(("version", "mode", "select", "expect"), [
+    ("0.18.1", "bundled", None, r"^9 passed, 5 skipped"),
+    ("0.19.1", "both", None, r"^14 passed"),
+    ("0.19.1", "system", "system_fa4", r"^5 passed, 9 deselected"),
+])
+def test_behaviour_of_other_wheels(version: str, mode: str, select: str | None, expect: str) -> None:
+    """The behaviour tests, in a fresh interpreter, on the wheel of another release or --fa4 mode."""
+    real_wheel(version)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(REPO / "tests" / "test_behaviour.py"), "--forge-vllm", "0.18.1"],
+                        str(REPO / "tests" / "test_behaviour.py"), "--forge-vllm", version, "--forge-fa4", mode,
+                        *(["-k", select] if select else [])],
                        capture_output=True, text=True, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
-    assert re.search(r"^9 passed", r.stdout, re.M), r.stdout[-500:]
+    assert re.search(expect, r.stdout, re.M), r.stdout[-500:]
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from . import __version__
 from .assemble import assemble, fsync_path, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, get_fa4_sources
-from .fetch import Index, cache_dir, sha256_file
 from .fa4_wheel import fa4_wheel_version
+from .fetch import Index, cache_dir, sha256_file
 from .overlay import load_stack, sha256
 from .pins import FA4_MODES, SYSTEM_LAYER, load_pins, version_label
 from .verify import STAMP, verify_wheel

@@ -80,8 +80,8 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         if missing or extra:
             raise _fail(path, f"RECORD does not list {missing[:3]} / lists absent {extra[:3]}")
         stack = load_stack(stamp["overlay"]["layers"])
-        ours = set(stack.paths) | set(stamp["overlay"]["adds"])
-        written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in ours]
+        overlaid = set(stack.paths) | set(stamp["overlay"]["adds"])
+        written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in overlaid]
         for n in written:
             if n == record_name:
                 continue
