@@ -1,0 +1,103 @@
+"""Shared by gpu_verify.py and gpu_bench.py (run on the GPU machine, see README "GPU proof")."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+OUT = Path(os.environ.get("OUT", "out"))
+
+
+COMPILED = ("vllm._C", "vllm._C_stable_libtorch", "vllm.vllm_flash_attn._vllm_fa2_C",
+            "vllm.vllm_flash_attn._vllm_fa3_C")
+
+
+def stub_compiled_fa() -> None:
+    """vLLM 0.19.1's compiled extensions (_C, _vllm_fa2_C, _vllm_fa3_C) are built for torch 2.10 and
+    cannot load under the GPU image's torch 2.11. vllm.platforms.cuda imports vllm._C for its side
+    effects and vllm.vllm_flash_attn refuses to import without FA2 or FA3; FA4 (pure Python, JIT)
+    needs none of them. Register empty stand-ins so those imports succeed: any op they would have
+    registered is absent, so a call to one fails loudly, never silently."""
+    for name in COMPILED:
+        sys.modules.setdefault(name, types.ModuleType(name))
+
+
+@dataclass
+class Paged:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_q: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    q_lens: list[int]
+    kv_lens: list[int]
+
+    @property
+    def max_q(self) -> int:
+        return max(self.q_lens)
+
+    @property
+    def max_kv(self) -> int:
+        return max(self.kv_lens)
+
+
+def make_paged(seqs: list[tuple[int, int]], heads: tuple[int, int], head_dim: int, block: int,
+               dtype: torch.dtype = torch.bfloat16, seed: int | None = None) -> Paged:
+    """Fresh random inputs; the KV of each sequence lives in randomly chosen, non-contiguous pages."""
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    hq, hkv = heads
+    q_lens, kv_lens = [s[0] for s in seqs], [s[1] for s in seqs]
+    pages = [math.ceil(kv / block) for kv in kv_lens]
+    num_blocks = sum(pages) + 7
+    perm = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32)
+    table = torch.zeros(len(seqs), max(pages), dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(pages):
+        table[i, :n] = perm[used:used + n]
+        used += n
+    return Paged(
+        q=torch.randn(sum(q_lens), hq, head_dim, generator=g, device="cuda", dtype=dtype),
+        k_cache=torch.randn(num_blocks, block, hkv, head_dim, generator=g, device="cuda", dtype=dtype),
+        v_cache=torch.randn(num_blocks, block, hkv, head_dim, generator=g, device="cuda", dtype=dtype),
+        cu_q=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda"),
+        seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device="cuda"),
+        block_table=table, q_lens=q_lens, kv_lens=kv_lens)
+
+
+def reference(p: Paged, scale: float) -> torch.Tensor:
+    """Causal paged attention in float64 (queries aligned to the end of each sequence)."""
+    hq, hkv = p.q.shape[1], p.k_cache.shape[2]
+    block = p.k_cache.shape[1]
+    out = torch.empty(p.q.shape, dtype=torch.float64, device="cuda")
+    start = 0
+    for i, (ql, kl) in enumerate(zip(p.q_lens, p.kv_lens, strict=True)):
+        blocks = p.block_table[i, :math.ceil(kl / block)].long()
+        k = p.k_cache[blocks].reshape(-1, hkv, p.k_cache.shape[-1])[:kl].double()
+        v = p.v_cache[blocks].reshape(-1, hkv, p.v_cache.shape[-1])[:kl].double()
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        q = p.q[start:start + ql].double()
+        s = torch.einsum("qhd,khd->hqk", q, k) * scale
+        qi = torch.arange(ql, device="cuda")[:, None] + (kl - ql)
+        s.masked_fill_(torch.arange(kl, device="cuda")[None, :] > qi, float("-inf"))
+        out[start:start + ql] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+        start += ql
+    return out
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def write_json(name: str, data: object) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
