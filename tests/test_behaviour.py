@@ -291,3 +291,51 @@ def test_unusable_system_fa4_falls_back(gpu, system_fa4, monkeypatch, installed,
     # without any FA4, head 512 is not offered on FLASH_ATTN; with the bundled one it is
     assert v.flash_attn.FlashAttentionBackend.supports_head_size(512) == (fallback == "bundled")
     assert system_fa4.sf.choose() == fallback  # decided once
+
+
+# --- Gemma-4 FA4 auto-selection (wheels forged with --gemma4-fa4; run by test_versions) ---
+
+@pytest.fixture
+def gemma4(vllm: types.SimpleNamespace, request: pytest.FixtureRequest):
+    if not request.config.getoption("--forge-gemma4"):
+        pytest.skip("needs a wheel forged with --gemma4-fa4 (see test_versions.py)")
+    from transformers import PretrainedConfig
+    from vllm.model_executor.models.config import Gemma4Config
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def config(head_dim: int = 256, global_head_dim: int = 512, **attention: Any) -> types.SimpleNamespace:
+        """What Gemma4Config reads of a VllmConfig: Gemma-4-31B's text config, a real AttentionConfig."""
+        text = PretrainedConfig(model_type="gemma4_text", head_dim=head_dim, global_head_dim=global_head_dim,
+                                num_attention_heads=32, num_key_value_heads=4)
+        return types.SimpleNamespace(model_config=types.SimpleNamespace(hf_text_config=text),
+                                     attention_config=vllm.AttentionConfig(**attention))
+
+    return types.SimpleNamespace(config=config, update=Gemma4Config.verify_and_update_config, B=AttentionBackendEnum)
+
+
+def test_gemma4_sm90_fa4_selects_flash_attn_for_all_layers(gpu, gemma4, caplog) -> None:
+    v = gpu(9)
+    cfg = gemma4.config()
+    gemma4.update(cfg)
+    assert cfg.attention_config.backend == gemma4.B.FLASH_ATTN
+    assert cfg.attention_config.flash_attn_version == 4
+    with v.set_config(v.VllmConfig(attention_config=cfg.attention_config)):
+        assert [impl(v, h).vllm_flash_attn_version for h in (256, 512)] == [4, 4]  # no mixed versions
+
+
+@pytest.mark.parametrize("case", ["sm90-without-fa4", "sm100", "user-fa3"])
+def test_gemma4_keeps_triton_elsewhere(gpu, gemma4, case: str) -> None:
+    gpu(10 if case == "sm100" else 9, fa4=case != "sm90-without-fa4")
+    cfg = gemma4.config(**({"flash_attn_version": 3} if case == "user-fa3" else {}))
+    gemma4.update(cfg)
+    assert cfg.attention_config.backend == gemma4.B.TRITON_ATTN
+
+
+def test_gemma4_user_choice_and_uniform_heads_untouched(gpu, gemma4) -> None:
+    gpu(9)
+    chosen = gemma4.config(backend=gemma4.B.FLEX_ATTENTION)
+    gemma4.update(chosen)
+    assert chosen.attention_config.backend == gemma4.B.FLEX_ATTENTION
+    uniform = gemma4.config(head_dim=256, global_head_dim=256)
+    gemma4.update(uniform)
+    assert uniform.attention_config.backend is None and uniform.attention_config.flash_attn_version is None

@@ -19,7 +19,7 @@ from .fa4 import WHEEL_CUTE, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, sha256_file
 from .overlay import load_stack, sha256
-from .pins import FA4_MODES, SYSTEM_LAYER, load_pins, version_label
+from .pins import FA4_MODES, layers_for, load_pins, version_label
 from .verify import STAMP, verify_wheel
 
 
@@ -43,13 +43,13 @@ def source_date_epoch(base_stamp: int) -> tuple[int, str]:
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
-          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled") -> BuildResult:
+          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> BuildResult:
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
-    stack = load_stack([vpin.overlay] + ([SYSTEM_LAYER] if fa4_mode != "bundled" else []))
+    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4))
     index = cache(lambda: Index(index_url))
     project = pins.index_project
 
@@ -104,7 +104,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
             bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
             system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
             forged = assemble(
-                base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode),
+                base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode, gemma4_fa4),
                 drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
                 requires=list(pins.fa.requires) + (system_req if fa4_mode == "system" else []),
                 stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fa4", choices=("bundled", "system", "both"), default="bundled",
                    help="FA4 in the wheel (bundled), from a separately installed flash-attn-4 (system), "
                         "or bundled with system FA4 selectable (both)")
+    b.add_argument("--gemma4-fa4", action="store_true",
+                   help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
 
     v = sub.add_parser("verify", help="static checks of a forged wheel")
     v.add_argument("wheel", type=Path)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4)
+                           args.fa4, args.gemma4_fa4)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel

@@ -28,11 +28,17 @@ def data_dir() -> Path:
 
 FA4_MODES = ("bundled", "system", "both")
 SYSTEM_LAYER = "system-fa4"  # the overlay layered on top for --fa4 system|both
+GEMMA4_LAYER = "gemma4-fa4"  # the overlay layered on top for --gemma4-fa4
 
 
-def version_label(short: str, fa4_mode: str) -> str:
-    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.system|.both]."""
-    return f"fa4.{short}" if fa4_mode == "bundled" else f"fa4.{short}.{fa4_mode}"
+def layers_for(overlay: str, fa4_mode: str, gemma4_fa4: bool) -> list[str]:
+    return [overlay] + ([SYSTEM_LAYER] if fa4_mode != "bundled" else []) + ([GEMMA4_LAYER] if gemma4_fa4 else [])
+
+
+def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False) -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.system|.both][.gemma4]."""
+    label = f"fa4.{short}" if fa4_mode == "bundled" else f"fa4.{short}.{fa4_mode}"
+    return label + (".gemma4" if gemma4_fa4 else "")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, tree_sha256
 from .overlay import load_stack
 from .patching import read_series
-from .pins import Pins, data_dir, load_pins, version_label
+from .pins import GEMMA4_LAYER, Pins, data_dir, load_pins, version_label
 
 STAMP = "vllm_forge.json"
 
@@ -61,7 +61,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         vpin = pins.for_version(stamp["vllm"]["version"])
         fa = pins.fa
         mode = stamp.get("fa4_mode", "bundled")
-        expect = f"{vpin.version}+{version_label(fa.short, mode)}"
+        expect = f"{vpin.version}+{version_label(fa.short, mode, GEMMA4_LAYER in stamp['overlay']['layers'])}"
         if str(version) != expect or stamp["flash_attention"]["commit"] != fa.commit:
             raise _fail(path, f"version {version} / FA commit {stamp['flash_attention']['commit'][:12]} "
                               f"do not match the pins ({expect})")
