@@ -24,9 +24,10 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from functools import cache
 from pathlib import Path
 
-from vllm_forge.fetch import cached_download
+from vllm_forge.fetch import Index, cached_download
 from vllm_forge.overlay import load_overlay
 from vllm_forge.pins import load_pins
 
@@ -65,8 +66,8 @@ def main() -> int:
         tar_xz(OUT / "vllm.tar.xz", {n: zf.read(n) for n in zf.namelist()
                                      if n.split("/")[0] == "vllm" or n.split("/")[0].endswith(".dist-info")
                                      if not n.endswith((".so", "/"))})
-    base = cached_download(lambda: None, pins.index_project, pins.vllm["0.19.1"].wheel,  # type: ignore[arg-type,return-value]
-                           pins.vllm["0.19.1"].wheel_sha256)
+    index = cache(lambda: Index())
+    base = cached_download(index, pins.index_project, pins.vllm["0.19.1"].wheel, pins.vllm["0.19.1"].wheel_sha256)
     with zipfile.ZipFile(base) as zf:
         stock = {p: zf.read(p) for p in load_overlay(pins.vllm["0.19.1"].overlay).paths}
         stock.update({n: zf.read(n) for n in zf.namelist() if n.startswith("vllm/vllm_flash_attn/cute/")})
@@ -83,8 +84,7 @@ def main() -> int:
                     tar_xz(OUT / "cutlass-libs.tar.xz", {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")})
             else:
                 shutil.copy(whl, OUT / "whl")
-    sdist = cached_download(lambda: None, pins.index_project, pins.vllm["0.22.0"].sdist,  # type: ignore[arg-type,return-value]
-                            pins.vllm["0.22.0"].sdist_sha256)
+    sdist = cached_download(index, pins.index_project, pins.vllm["0.22.0"].sdist, pins.vllm["0.22.0"].sdist_sha256)
     (OUT / "tests").mkdir()
     with tarfile.open(sdist) as tf:
         member = tf.extractfile("vllm-0.22.0/tests/kernels/attention/test_flash_attn.py")

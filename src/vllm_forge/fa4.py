@@ -21,7 +21,7 @@ from pathlib import Path
 import git
 
 from .errors import ForgeError
-from .fetch import Index, cache_dir, check_sha256, safe_member_name
+from .fetch import Index, RangesUnsupported, cache_dir, cached_download, check_sha256, safe_member_name
 from .patching import AppliedPatch, apply_series
 from .pins import FaPin, data_dir
 
@@ -144,10 +144,7 @@ def from_wheel(pin: FaPin, index: Callable[[], Index], project: str) -> tuple[Tr
     else:
         try:
             remote = index().open_remote(project, wm.wheel, wm.wheel_sha256)
-        except ForgeError as e:
-            if "byte ranges" not in e.what:
-                raise
-            from .fetch import cached_download
+        except RangesUnsupported:
             zf = zipfile.ZipFile(cached_download(index, project, wm.wheel, wm.wheel_sha256))
         else:
             zf = zipfile.ZipFile(remote)  # type: ignore[arg-type]

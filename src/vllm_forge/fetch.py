@@ -84,6 +84,10 @@ def safe_member_name(name: str, origin: str) -> PurePosixPath:
     return p
 
 
+class RangesUnsupported(ForgeError):
+    """The server does not answer HTTP range requests: download the whole file instead."""
+
+
 class Progress:
     """A download/copy progress line on stderr, at most a few updates a second."""
 
@@ -197,7 +201,7 @@ class RemoteFile(io.RawIOBase):
         with opener(url, {"Range": "bytes=-1"}) as r:
             crange = r.headers.get("Content-Range", "")  # type: ignore[attr-defined]
             if getattr(r, "status", 200) != 206 or "/" not in crange:
-                raise ForgeError(f"{url} does not serve byte ranges", "falling back to a full download")
+                raise RangesUnsupported(f"{url} does not serve byte ranges", "falling back to a full download")
             self.size = int(crange.rsplit("/", 1)[1])
         self.fetched = 0
         self._span = (0, b"")
