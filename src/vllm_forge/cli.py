@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--index-url", help="package index simple API (default: pip's)")
     f.add_argument("--fa-patches", type=Path, help="flash-attention patch directory (default: patches/flash-attention)")
 
+    d = sub.add_parser("docker", help="render docker/Dockerfile.in (and build it where an engine works)")
+    d.add_argument("--vllm", default=None)
+    d.add_argument("--out", type=Path, default=Path("build/docker"))
+    d.add_argument("--build", action="store_true", help="docker build the rendered file (context: --context)")
+    d.add_argument("--context", type=Path, default=Path("."), help="build context: a vllm-forge checkout")
+    d.add_argument("--tag", help="image tag")
+
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
     r.add_argument("--to", dest="to_version", required=True, help="the release to port it to (pinned in pins.json)")
@@ -57,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             from .fa4_wheel import build_fa4_wheel
 
             print(build_fa4_wheel(args.out, args.fa_src, args.index_url, args.fa_patches).wheel)
+        elif args.cmd == "docker":
+            from .docker import docker
+
+            print(docker(args.vllm, args.out, args.build, args.context, args.tag))
         elif args.cmd == "refresh":
             from .refresh import refresh
 

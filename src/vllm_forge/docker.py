@@ -1,0 +1,49 @@
+"""`vllm-forge docker`: render docker/Dockerfile.in for a pinned release and, where a container
+engine answers, build it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ForgeError
+from .pins import data_dir, load_pins, version_label
+
+
+def render(version: str | None, out: Path) -> Path:
+    pins = load_pins()
+    vpin = pins.for_version(version or pins.default_vllm)
+    tags = vpin.wheel[:-4].split("-", 2)[2]
+    wheel = f"vllm-{vpin.version}+{version_label(pins.fa.short, 'bundled')}-{tags}.whl"
+    cuda = json.loads(pins.path.read_text())["docker"]["cuda_image_tag"]
+    text = (data_dir() / "docker" / "Dockerfile.in").read_text()
+    for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():
+        text = text.replace(f"@{key}@", value)
+    if "@" in "".join(ln for ln in text.splitlines() if not ln.startswith("#")):
+        raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
+    out.mkdir(parents=True, exist_ok=True)
+    dockerfile = out / "Dockerfile"
+    dockerfile.write_text(text)
+    return dockerfile
+
+
+def engine_works() -> bool:
+    docker = shutil.which("docker")
+    return bool(docker) and subprocess.run([docker, "info"], capture_output=True).returncode == 0  # type: ignore[list-item]
+
+
+def docker(version: str | None, out: Path, build: bool, context: Path, tag: str | None) -> Path:
+    dockerfile = render(version, out)
+    print(f"rendered {dockerfile}", file=sys.stderr)
+    if build:
+        if not engine_works():
+            print("vllm-forge: no container engine answers here (`docker info` fails); rendered only",
+                  file=sys.stderr)
+        else:
+            cmd = ["docker", "build", "-f", str(dockerfile), "-t", tag or "vllm-forge/vllm:latest", str(context)]
+            if subprocess.run(cmd).returncode != 0:
+                raise ForgeError(f"docker build failed: {' '.join(cmd)}", "see the build output above")
+    return dockerfile
