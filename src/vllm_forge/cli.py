@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fa4", choices=("bundled", "system", "both"), default="bundled",
                    help="FA4 in the wheel (bundled), from a separately installed flash-attn-4 (system), "
                         "or bundled with system FA4 selectable (both)")
+    b.add_argument("--mode", choices=("overlay", "source"), default="overlay",
+                   help="overlay: patch the upstream wheel (default); source: prepare the sdist for vLLM's CUDA build")
+    b.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a)")
     b.add_argument("--gemma4-fa4", action="store_true",
                    help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
 
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
+            if args.mode == "source":
+                from .source import build_source
+
+                print(build_source(args.vllm, args.out, args.index_url, args.arch, args.fa4, args.gemma4_fa4))
+                return 0
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
