@@ -132,10 +132,11 @@ class Forged:
     dist_info: str
 
 
-def forged_names(base: Path, zf: zipfile.ZipFile, label: str) -> Forged:
-    name, version, _build, _tags = parse_wheel_filename(base.name)
+def forged_names(base_name: str, label: str) -> Forged:
+    """File, version and dist-info names of the wheel forged from base_name with a local label."""
+    name, version, _build, _tags = parse_wheel_filename(base_name)
     new_version = f"{version.public}+{label}"
-    tag_part = base.name[:-4].split("-", 2)[2]
+    tag_part = base_name[:-4].split("-", 2)[2]
     dist_name = str(name).replace("-", "_")
     return Forged(f"{dist_name}-{new_version}-{tag_part}.whl", new_version, f"{dist_name}-{new_version}.dist-info")
 
@@ -169,7 +170,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
     date_time = zip_date_time(epoch)
     with open_wheel(base) as zin:
         di = dist_info_dir(zin, str(base))
-        names = forged_names(base, zin, label)
+        names = forged_names(base.name, label)
         base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
         ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
@@ -229,9 +230,4 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
             out.write(f"{names.dist_info}/{stamp[0]}", stamp[1])
             out.write_record(f"{names.dist_info}/RECORD")
     return names
-
-
-def fsync_path(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 

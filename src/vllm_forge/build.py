@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -13,11 +12,12 @@ from functools import cache
 from pathlib import Path
 
 from . import __version__
-from .assemble import assemble, fsync_path, read_base
+from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, sha256_file
+from .output import publish, source_date_epoch, staged_output
 from .overlay import load_stack, sha256
 from .pins import FA4_MODES, layers_for, load_pins, version_label
 from .verify import STAMP, verify_wheel
@@ -27,18 +27,6 @@ from .verify import STAMP, verify_wheel
 class BuildResult:
     wheel: Path
     manifest: Path
-
-
-def source_date_epoch(base_stamp: int) -> tuple[int, str]:
-    """SOURCE_DATE_EPOCH if set, else the base wheel's METADATA timestamp (same inputs, same bytes)."""
-    env = os.environ.get("SOURCE_DATE_EPOCH")
-    if not env:
-        return base_stamp, "base wheel METADATA timestamp"
-    try:
-        return int(env), "SOURCE_DATE_EPOCH"
-    except ValueError:
-        raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer",
-                         "unset it or give seconds since 1970") from None
 
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
@@ -68,80 +56,64 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     print(f"vllm-forge {__version__}: vLLM {vpin.version} + flash-attention {pins.fa.short} "
           f"(overlay {' + '.join(stack.ids)}, FA4 {fa4_mode})", file=sys.stderr)
 
-    created_out = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_wheel: Path | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, ThreadPoolExecutor(2) as pool:
-            base_digest = pool.submit(sha256_file, base)  # overlaps FA4, overlay and repack
-            base_files, base_stamp = read_base(base, vpin.version, stack.paths)
-            overlaid, done = stack.apply(base_files)
-            adds = stack.adds()
-            fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
-            epoch, epoch_from = source_date_epoch(base_stamp)
-            stamp = {
-                "tool": f"vllm-forge {__version__}",
-                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
-                "flash_attention": {
-                    "commit": pins.fa.commit, "pin_tree_sha256": fa.pin_tree_sha256,
-                    "tree_sha256": fa.tree_sha256,
-                    "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
-                },
-                "fa4_mode": fa4_mode,
-                "overlay": {
-                    "layers": stack.ids,
-                    "files": done,
-                    "adds": {p: sha256(d) for p, d in sorted(adds.items())},
-                },
-                "source_date_epoch": epoch,
-            }
-            fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-forge-", suffix=".whl.part")
-            os.close(fd)
-            tmp_wheel = Path(tmp_name)
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp_wheel.chmod(0o666 & ~umask)
-            bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
-            system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
-            forged = assemble(
-                base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode, gemma4_fa4),
-                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
-                requires=list(pins.fa.requires) + (system_req if fa4_mode == "system" else []),
-                stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
-            final = out_dir / forged.filename
-            out_digest = pool.submit(sha256_file, tmp_wheel)
-            if base_digest.result() != vpin.wheel_sha256:
-                raise ForgeError(f"sha256 mismatch for base wheel {base}: expected {vpin.wheel_sha256}, "
-                                 f"got {base_digest.result()}",
-                                 "the file is corrupt, truncated or another build; delete it and download it again")
-            report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
-                                  name=forged.filename)
-            manifest = {
-                **stamp,
-                "output": {"wheel": forged.filename, "sha256": out_digest.result(),
-                           "size": tmp_wheel.stat().st_size},
-                "inputs": {
-                    "base_wheel": {"file": vpin.wheel, "sha256": vpin.wheel_sha256, "mirror": base_origin},
-                    "flash_attention": {"commit": pins.fa.commit, "tree_sha256": fa.pin_tree_sha256,
-                                        "mirror": fa.mirror},
-                    "pins": {"file": "pins.json", "sha256": sha256_file(pins.path)},
-                },
-                "source_date_epoch_from": epoch_from,
-                "verify": report.checks,
-            }
-            man_tmp = tmp_wheel.with_suffix(".json.part")
-            man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            fsync_path(tmp_wheel)
-            manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
-            os.replace(tmp_wheel, final)
-            os.replace(man_tmp, manifest_path)
-    except BaseException:
-        if tmp_wheel is not None:
-            tmp_wheel.unlink(missing_ok=True)
-            tmp_wheel.with_suffix(".json.part").unlink(missing_ok=True)
-        if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+    with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
+            ThreadPoolExecutor(2) as pool:
+        base_digest = pool.submit(sha256_file, base)  # overlaps FA4, overlay and repack
+        base_files, base_stamp = read_base(base, vpin.version, stack.paths)
+        overlaid, done = stack.apply(base_files)
+        adds = stack.adds()
+        fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
+        epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
+        stamp = {
+            "tool": f"vllm-forge {__version__}",
+            "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+            "flash_attention": {
+                "commit": pins.fa.commit, "pin_tree_sha256": fa.pin_tree_sha256,
+                "tree_sha256": fa.tree_sha256,
+                "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
+            },
+            "fa4_mode": fa4_mode,
+            "overlay": {
+                "layers": stack.ids,
+                "files": done,
+                "adds": {p: sha256(d) for p, d in sorted(adds.items())},
+            },
+            "source_date_epoch": epoch,
+        }
+        tmp_wheel = temp(".whl.part")
+        bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
+        system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
+        forged = assemble(
+            base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode, gemma4_fa4),
+            drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
+            requires=list(pins.fa.requires) + (system_req if fa4_mode == "system" else []),
+            stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
+        final = out_dir / forged.filename
+        out_digest = pool.submit(sha256_file, tmp_wheel)
+        if base_digest.result() != vpin.wheel_sha256:
+            raise ForgeError(f"sha256 mismatch for base wheel {base}: expected {vpin.wheel_sha256}, "
+                             f"got {base_digest.result()}",
+                             "the file is corrupt, truncated or another build; delete it and download it again")
+        report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
+                              name=forged.filename)
+        manifest = {
+            **stamp,
+            "output": {"wheel": forged.filename, "sha256": out_digest.result(),
+                       "size": tmp_wheel.stat().st_size},
+            "inputs": {
+                "base_wheel": {"file": vpin.wheel, "sha256": vpin.wheel_sha256, "mirror": base_origin},
+                "flash_attention": {"commit": pins.fa.commit, "tree_sha256": fa.pin_tree_sha256,
+                                    "mirror": fa.mirror},
+                "pins": {"file": "pins.json", "sha256": sha256_file(pins.path)},
+            },
+            "source_date_epoch_from": epoch_from,
+            "verify": report.checks,
+        }
+        man_tmp = temp(".json.part")
+        man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
+        publish(tmp_wheel, final)
+        publish(man_tmp, manifest_path)
     print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     for check in report.checks:
         print(f"  ok: {check}", file=sys.stderr)

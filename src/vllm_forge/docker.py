@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .assemble import forged_names
 from .errors import ForgeError
 from .pins import data_dir, load_pins, version_label
 
@@ -16,8 +17,7 @@ from .pins import data_dir, load_pins, version_label
 def render(version: str | None, out: Path) -> Path:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
-    tags = vpin.wheel[:-4].split("-", 2)[2]
-    wheel = f"vllm-{vpin.version}+{version_label(pins.fa.short, 'bundled')}-{tags}.whl"
+    wheel = forged_names(vpin.wheel, version_label(pins.fa.short, "bundled")).filename
     cuda = json.loads(pins.path.read_text())["docker"]["cuda_image_tag"]
     text = (data_dir() / "docker" / "Dockerfile.in").read_text()
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():

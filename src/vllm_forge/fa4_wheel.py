@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ from pathlib import Path
 from installer.records import RecordEntry
 
 from . import __version__
-from .assemble import MemberWriter, fsync_path, zip_date_time
+from .assemble import MemberWriter, zip_date_time
 from .fa4 import CUTE, get_fa4_sources
 from .fetch import Index
+from .output import publish, source_date_epoch, staged_output
 from .patching import AppliedPatch
 from .pins import FaPin, load_pins
 
@@ -44,52 +44,37 @@ def build_fa4_wheel(out_dir: Path = Path("dist"), fa_src: str | None = None, ind
                     fa_patch_dir: Path | None = None) -> Fa4WheelResult:
     pins = load_pins()
     fa, spec = pins.fa, pins.fa.fa4_wheel
-    created_out = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp: Path | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="vllm-forge-fa4-") as work:
-            src = get_fa4_sources(fa, Path(work), cache(lambda: Index(index_url)), pins.index_project,
-                                  fa_src, fa_patch_dir)
-            version = fa4_wheel_version(fa, src.patches)
-            dist = spec.name.replace("-", "_")
-            dist_info = f"{dist}-{version}.dist-info"
-            epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or fa.commit_epoch)
-            metadata = "\n".join([
-                "Metadata-Version: 2.4", f"Name: {spec.name}", f"Version: {version}",
-                "Summary: FlashAttention 4 (CuTe DSL) from vllm-project/flash-attention"
-                f"@{fa.commit[:12]}, built by vllm-forge",
-                f"License-Expression: {spec.license}", f"Requires-Python: {spec.requires_python}",
-                *[f"Requires-Dist: {r}" for r in spec.requires], "", ""])
-            wheel_file = (f"Wheel-Version: 1.0\nGenerator: vllm-forge {__version__}\n"
-                          "Root-Is-Purelib: true\nTag: py3-none-any\n")
-            stamp = {"tool": f"vllm-forge {__version__}", "flash_attention": {
-                "commit": fa.commit, "pin_tree_sha256": src.pin_tree_sha256, "tree_sha256": src.tree_sha256,
-                "patches": [{"name": p.name, "sha256": p.sha256} for p in src.patches]},
-                "source_date_epoch": epoch}
-            fd, name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-forge-", suffix=".whl.part")
-            os.close(fd)
-            tmp = Path(name)
-            records: list[RecordEntry] = []
-            with zipfile.ZipFile(tmp, "w") as zout:
-                out = MemberWriter(zout, zip_date_time(epoch), records)
-                for rel in sorted(src.upstream):
-                    out.write(f"{CUTE}/{rel}", src.upstream[rel])
-                out.write(f"{dist_info}/METADATA", metadata.encode())
-                out.write(f"{dist_info}/WHEEL", wheel_file.encode())
-                out.write(f"{dist_info}/top_level.txt", b"flash_attn\n")
-                out.write(f"{dist_info}/vllm_forge.json", (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode())
-                out.write_record(f"{dist_info}/RECORD")
-            final = out_dir / f"{dist}-{version}-py3-none-any.whl"
-            fsync_path(tmp)
-            tmp.chmod(0o644)
-            os.replace(tmp, final)
-            tmp = None
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+    with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-fa4-") as work:
+        src = get_fa4_sources(fa, Path(work), cache(lambda: Index(index_url)), pins.index_project,
+                              fa_src, fa_patch_dir)
+        version = fa4_wheel_version(fa, src.patches)
+        dist = spec.name.replace("-", "_")
+        dist_info = f"{dist}-{version}.dist-info"
+        epoch, _ = source_date_epoch(fa.commit_epoch, "the pin's commit date")
+        metadata = "\n".join([
+            "Metadata-Version: 2.4", f"Name: {spec.name}", f"Version: {version}",
+            "Summary: FlashAttention 4 (CuTe DSL) from vllm-project/flash-attention"
+            f"@{fa.commit[:12]}, built by vllm-forge",
+            f"License-Expression: {spec.license}", f"Requires-Python: {spec.requires_python}",
+            *[f"Requires-Dist: {r}" for r in spec.requires], "", ""])
+        wheel_file = (f"Wheel-Version: 1.0\nGenerator: vllm-forge {__version__}\n"
+                      "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        stamp = {"tool": f"vllm-forge {__version__}", "flash_attention": {
+            "commit": fa.commit, "pin_tree_sha256": src.pin_tree_sha256, "tree_sha256": src.tree_sha256,
+            "patches": [{"name": p.name, "sha256": p.sha256} for p in src.patches]},
+            "source_date_epoch": epoch}
+        tmp = temp(".whl.part")
+        records: list[RecordEntry] = []
+        with zipfile.ZipFile(tmp, "w") as zout:
+            out = MemberWriter(zout, zip_date_time(epoch), records)
+            for rel in sorted(src.upstream):
+                out.write(f"{CUTE}/{rel}", src.upstream[rel])
+            out.write(f"{dist_info}/METADATA", metadata.encode())
+            out.write(f"{dist_info}/WHEEL", wheel_file.encode())
+            out.write(f"{dist_info}/top_level.txt", b"flash_attn\n")
+            out.write(f"{dist_info}/vllm_forge.json", (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode())
+            out.write_record(f"{dist_info}/RECORD")
+        final = out_dir / f"{dist}-{version}-py3-none-any.whl"
+        publish(tmp, final)
     return Fa4WheelResult(final, version)
 
