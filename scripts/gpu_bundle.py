@@ -34,8 +34,7 @@ from vllm_forge.pins import load_pins
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".device"
 LIMIT = 64 << 20
-WHEELS = ["nvidia-cutlass-dsl==4.4.2", "nvidia-cutlass-dsl-libs-base==4.4.2", "quack-kernels==0.4.0",
-          "apache-tvm-ffi==0.1.9", "torch-c-dlpack-ext==0.1.5",
+WHEELS = [*load_pins().fa.tested_with,  # the FA4 runtime set (pins.json)
           # vLLM 0.19.1 import deps the GPU image lacks
           "pyzmq", "msgspec", "cbor2", "gguf", "pybase64", "cachetools",
           "pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types", "typing-inspection"]

@@ -49,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--context", type=Path, default=Path("."), help="build context: a vllm-forge checkout")
     d.add_argument("--tag", help="image tag")
 
+    lk = sub.add_parser("lock", help="hash-pinned requirements for `pip install --require-hashes` of a wheel")
+    lk.add_argument("wheel", type=Path)
+    lk.add_argument("--out", type=Path, help="requirements file (default: <wheel>.lock.txt beside it)")
+    lk.add_argument("--wheel-ref", help="how the lock names the wheel (default: the path given)")
+    lk.add_argument("--python", help="interpreter to resolve for (default: this one)")
+    lk.add_argument("--index-url", help="package index simple API (default: pip's)")
+    lk.add_argument("--newest", action="store_true",
+                    help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
+
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
     r.add_argument("--to", dest="to_version", required=True, help="the release to port it to (pinned in pins.json)")
@@ -76,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             from .docker import docker
 
             print(docker(args.vllm, args.out, args.build, args.context, args.tag))
+        elif args.cmd == "lock":
+            from .lock import lock
+
+            out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
+            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest))
         elif args.cmd == "refresh":
             from .refresh import refresh
 

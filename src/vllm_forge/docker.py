@@ -3,7 +3,6 @@ engine answers, build it."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ def render(version: str | None, out: Path) -> Path:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     wheel = forged_names(vpin.wheel, version_label(pins.fa.short, "bundled")).filename
-    cuda = json.loads(pins.path.read_text())["docker"]["cuda_image_tag"]
+    cuda = pins.cuda_image_tag
     text = (data_dir() / "docker" / "Dockerfile.in").read_text()
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():
         text = text.replace(f"@{key}@", value)

@@ -172,15 +172,26 @@ def from_wheel(pin: FaPin, index: Callable[[], Index], project: str) -> tuple[Tr
 
 # --- the CMake FA4 component ------------------------------------------------------------
 
+def cmake_exe() -> str:
+    """The cmake of the `cmake` package (a dependency: >= 3.26), else the one on PATH."""
+    try:
+        from cmake import CMAKE_BIN_DIR  # type: ignore[import-untyped]
+        found = shutil.which("cmake", path=CMAKE_BIN_DIR)
+    except ImportError:
+        found = None
+    found = found or shutil.which("cmake")
+    if found is None:
+        raise ForgeError("cmake not found", "pip install cmake (a dependency of vllm-forge)")
+    return found
+
+
 def cmake_install_fa4(src_root: Path, work: Path) -> Tree:
     """Run the project's CMake FA4 component on a flash-attention tree; return the result."""
     build, prefix = work / "cmake-build", work / "cmake-install"
     shutil.rmtree(build, ignore_errors=True)
     shutil.rmtree(prefix, ignore_errors=True)
     env = {**os.environ, "VLLM_FLASH_ATTN_SRC_DIR": str(src_root)}
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise ForgeError("cmake not found", "pip install cmake (a dependency of vllm-forge)")
+    cmake = cmake_exe()
     for cmd in (
         [cmake, "-S", str(data_dir()), "-B", str(build), "-DVLLM_FORGE_FA4=ON"],
         [cmake, "--install", str(build), "--component", FA4_COMPONENT, "--prefix", str(prefix)],

@@ -78,6 +78,7 @@ class FaPin:
     cute_file_count: int
     commit_epoch: int
     requires: tuple[str, ...]
+    tested_with: tuple[str, ...]  # the FA4 runtime versions measured on the H100
     wheel_mirror: WheelMirror
     fa4_wheel: Fa4Wheel
 
@@ -93,6 +94,7 @@ class Pins:
     index_project: str
     vllm: dict[str, VllmPin]
     fa: FaPin
+    cuda_image_tag: str  # the Docker base images' CUDA (docker/Dockerfile.in)
 
     def for_version(self, version: str) -> VllmPin:
         try:
@@ -123,9 +125,11 @@ def load_pins(path: Path | None = None) -> Pins:
                 cute_file_count=fa["cute_file_count"],
                 commit_epoch=fa["commit_epoch"],
                 requires=tuple(fa["requires"]),
+                tested_with=tuple(fa["tested_with"]),
                 wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
                 fa4_wheel=Fa4Wheel(**{**fa["fa4_wheel"], "requires": tuple(fa["fa4_wheel"]["requires"])}),
             ),
+            cuda_image_tag=raw["docker"]["cuda_image_tag"],
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e

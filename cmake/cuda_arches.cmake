@@ -1,0 +1,21 @@
+# TORCH_CUDA_ARCH_LIST (environment, then cache variable; default "9.0a", the Hopper target of
+# vllm-forge) -> CMAKE_CUDA_ARCHITECTURES ("9.0a;8.0+PTX" -> "90a-real;80"). The environment
+# variable is also what torch's CMake config reads for the flash-attention extensions.
+if(DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+  set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
+endif()
+set(TORCH_CUDA_ARCH_LIST "9.0a" CACHE STRING "CUDA architectures, torch syntax (9.0a, 8.0+PTX, ...)")
+set(ENV{TORCH_CUDA_ARCH_LIST} "${TORCH_CUDA_ARCH_LIST}")
+string(REPLACE " " ";" _vf_arches "${TORCH_CUDA_ARCH_LIST}")
+set(VLLM_FORGE_CUDA_ARCHITECTURES "")
+foreach(_vf_arch IN LISTS _vf_arches)
+  if(NOT _vf_arch MATCHES "^([0-9]+)\\.([0-9]+)([af]?)(\\+PTX)?$")
+    message(FATAL_ERROR "TORCH_CUDA_ARCH_LIST entry '${_vf_arch}' is not like 9.0a or 8.0+PTX")
+  endif()
+  if(CMAKE_MATCH_4)
+    list(APPEND VLLM_FORGE_CUDA_ARCHITECTURES "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+  else()
+    list(APPEND VLLM_FORGE_CUDA_ARCHITECTURES "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}-real")
+  endif()
+endforeach()
+message(STATUS "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} -> CUDA architectures ${VLLM_FORGE_CUDA_ARCHITECTURES}")

@@ -1,0 +1,83 @@
+"""`vllm-forge lock`: a hash-pinned requirements file for installing a forged wheel with
+`pip install --require-hashes` (the runtime image's install).
+
+pip resolves the wheel and its dependencies for the interpreter that runs it (`pip install
+--dry-run --report`, pip >= 22.2); every distribution it chose becomes `name==version
+--hash=sha256:...`, the forged wheel itself a path line with its own hash. Resolve with the
+interpreter and platform the lock is for (the Dockerfile runs it in the builder, on the
+runtime's Ubuntu and Python)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from .errors import ForgeError
+from .fetch import sha256_file
+from .output import publish, staged_output
+from .pins import load_pins
+
+
+def resolve(wheel: Path, python: str, pip_args: list[str]) -> list[dict]:
+    """pip's installation report for `wheel` (all of it, nothing installed)."""
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+               str(report), *pip_args, str(wheel)]
+        print(f"resolving {wheel.name} and its dependencies with pip (needs the package index)", file=sys.stderr)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = " | ".join(ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING"))[-600:]
+            raise ForgeError(f"pip could not resolve {wheel.name}: {tail}",
+                             "check the network/index (--index-url) and that pip >= 22.2 runs this")
+        items: list[dict] = json.loads(report.read_text())["install"]
+    return items
+
+
+def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
+    own = canonicalize_name(wheel.name.split("-")[0])
+    lines, seen_own = [], False
+    for item in sorted(items, key=lambda i: canonicalize_name(i["metadata"]["name"])):
+        name, version = canonicalize_name(item["metadata"]["name"]), item["metadata"]["version"]
+        if name == own:
+            seen_own = True
+            lines.append(f"{wheel_ref} \\\n    --hash=sha256:{sha256_file(wheel)}")
+            continue
+        sha = item.get("download_info", {}).get("archive_info", {}).get("hashes", {}).get("sha256")
+        if not sha:
+            where = item.get("download_info", {}).get("url", "?")
+            raise ForgeError(f"{name} {version} comes from {where}, which has no sha256 to pin",
+                             "install it from an index or a wheel file")
+        lines.append(f"{name}=={version} \\\n    --hash=sha256:{sha}")
+    if not seen_own:
+        raise ForgeError(f"pip's report does not contain {wheel.name}", "is it a wheel of a project pip can install?")
+    return lines
+
+
+def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
+         index_url: str | None = None, tested: bool = True) -> Path:
+    """tested: constrain FA4's runtime packages to pins.json's `tested_with` (the set measured on
+    the H100); otherwise pip takes the newest versions FA4's ranges admit."""
+    if not wheel.is_file():
+        raise ForgeError(f"{wheel} does not exist", "give the path of a forged wheel")
+    pip_args = ["--index-url", index_url] if index_url else []
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
+        if tested:
+            constraints = Path(tmp) / "constraints.txt"
+            constraints.write_text("\n".join(load_pins().fa.tested_with) + "\n")
+            pip_args += ["--constraint", str(constraints)]
+        items = resolve(wheel.resolve(), python or sys.executable, pip_args)
+    lines = lock_lines(wheel, items, wheel_ref or str(wheel))
+    header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"
+              "# install with: pip install --require-hashes --no-deps -r <this file>\n")
+    with staged_output(out.parent) as temp:
+        staged = temp(".txt")
+        staged.write_text(header + "\n".join(lines) + "\n")
+        publish(staged, out)
+    print(f"locked {len(lines)} distributions", file=sys.stderr)
+    return out
