@@ -39,7 +39,8 @@ def fa_upstream(tmp_path_factory: pytest.TempPathFactory, pins: Pins) -> Path:
     """A flash-attention source tree (flash_attn/cute/*.py, upstream imports) of the pin,
     obtained through the tool's own mirror chain and tree-hash verified."""
     work = tmp_path_factory.mktemp("fa-upstream")
-    get_fa4_sources(pins.fa, work, index, pins.index_project)
+    no_patches = tmp_path_factory.mktemp("no-fa-patches")  # the pin itself, not our patched tree
+    get_fa4_sources(pins.fa, work, index, pins.index_project, patch_dir=no_patches)
     root = work / "fa-src"
     assert (root / CUTE / "interface.py").is_file()
     return root
@@ -69,3 +70,18 @@ def forged_for_behaviour(request: pytest.FixtureRequest, tmp_path_factory: pytes
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vllm_forge.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def default_fa_series() -> list[tuple[str, str, set[str]]]:
+    """The shipped patches/flash-attention series: (name, sha256, cute files it touches)."""
+    import hashlib
+
+    from vllm_forge.patching import read_series
+    from vllm_forge.pins import data_dir
+
+    out = []
+    for patch in read_series(data_dir() / "patches" / "flash-attention"):
+        text = patch.read_text()
+        touched = {ln.split("flash_attn/cute/", 1)[1] for ln in text.splitlines() if ln.startswith("+++ b/")}
+        out.append((patch.name, hashlib.sha256(patch.read_bytes()).hexdigest(), touched))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -11,28 +12,31 @@ from conftest import run_cli
 from installer.sources import WheelFile
 from test_fa4_sources import _real_patch
 
-from vllm_forge.build import build
+from vllm_forge.build import BuildResult, build
 from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256
 from vllm_forge.fa4_wheel import build_fa4_wheel
 from vllm_forge.pins import Pins
 from vllm_forge.verify import verify_wheel
 
 
-def test_fa4_wheel_contents_and_reproducible(tmp_path: Path, pins: Pins) -> None:
+def test_fa4_wheel_contents_and_reproducible(tmp_path: Path, pins: Pins, forged: BuildResult) -> None:
     one = build_fa4_wheel(tmp_path / "one")
     two = build_fa4_wheel(tmp_path / "two")
-    assert one.wheel.name == "flash_attn_4-4.0.0b12+vllm.bce2942-py3-none-any.whl"
+    # the shipped patch series makes it another build of the pin: .p<hash7> of the series
+    assert re.fullmatch(r"4\.0\.0b12\+vllm\.bce2942\.p[0-9a-f]{7}", one.version), one.version
+    assert one.wheel.name == f"flash_attn_4-{one.version}-py3-none-any.whl"
     assert one.wheel.read_bytes() == two.wheel.read_bytes()
     with WheelFile.open(one.wheel) as w:
         w.validate_record()
     with zipfile.ZipFile(one.wheel) as zf:
         cute = {n[len(CUTE) + 1:]: zf.read(n) for n in zf.namelist() if n.startswith(CUTE + "/")}
-        meta = zf.read("flash_attn_4-4.0.0b12+vllm.bce2942.dist-info/METADATA").decode()
+        meta = zf.read(f"flash_attn_4-{one.version}.dist-info/METADATA").decode()
         assert zf.getinfo(f"{CUTE}/interface.py").date_time[:3] == (2026, 5, 12)  # the pin's commit date
     assert len(cute) == pins.fa.cute_file_count
     assert b"from flash_attn.cute" in cute["interface.py"]  # upstream imports, not vLLM's
     rewritten = {k: v.replace(b"flash_attn.cute", b"vllm.vllm_flash_attn.cute") for k, v in cute.items()}
-    assert tree_sha256(rewritten) == pins.fa.cute_tree_sha256
+    # the same patched tree as the forged vLLM wheel's bundled FA4
+    assert tree_sha256(rewritten) == json.loads(forged.manifest.read_text())["flash_attention"]["tree_sha256"]
     assert "Name: flash-attn-4\n" in meta and "Requires-Dist: quack-kernels>=0.4.0\n" in meta
 
 
@@ -58,7 +62,8 @@ def test_vllm_wheel_modes(tmp_path: Path, mode: str) -> None:
         assert b"use_system_flash_attn: bool = False" in zf.read("vllm/config/attention.py")
     bundled = [n for n in names if n.startswith(WHEEL_CUTE + "/")]
     if mode == "system":
-        assert bundled == [] and "Requires-Dist: flash-attn-4==4.0.0b12+vllm.bce2942" in meta
+        assert bundled == [] and re.search(r"Requires-Dist: flash-attn-4==4\.0\.0b12\+vllm\.bce2942\.p[0-9a-f]{7}\n",
+                                           meta), meta
     else:
         assert len(bundled) == 48 and "flash-attn-4" not in meta
     m = json.loads(result.manifest.read_text())

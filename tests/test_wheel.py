@@ -7,10 +7,10 @@ import json
 import zipfile
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import default_fa_series, run_cli
 
 from vllm_forge.build import BuildResult, build
-from vllm_forge.fa4 import WHEEL_CUTE, tree_sha256
+from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256
 from vllm_forge.pins import Pins
 from vllm_forge.verify import STAMP, verify_wheel
 
@@ -37,12 +37,20 @@ def test_name_version_and_tags(forged: BuildResult, base_wheel: Path, pins: Pins
         assert len(reqs) == len(base_reqs) + 2  # tvm-ffi and torch-c-dlpack-ext are new
 
 
-def test_cute_tree_replaced(forged: BuildResult, base_wheel: Path, pins: Pins) -> None:
+def test_cute_tree_replaced(forged: BuildResult, base_wheel: Path, pins: Pins, fa_upstream: Path) -> None:
     with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
         cute = {n[len(WHEEL_CUTE) + 1:]: out.read(n) for n in out.namelist() if n.startswith(WHEEL_CUTE + "/")}
         old = {n[len(WHEEL_CUTE) + 1:] for n in base.namelist() if n.startswith(WHEEL_CUTE + "/")}
-    assert len(cute) == pins.fa.cute_file_count
-    assert tree_sha256(cute) == pins.fa.cute_tree_sha256
+    src = fa_upstream / CUTE
+    pin = {str(f.relative_to(src)): f.read_bytes().replace(b"flash_attn.cute", b"vllm.vllm_flash_attn.cute")
+           for f in src.rglob("*.py")}
+    assert tree_sha256(pin) == pins.fa.cute_tree_sha256  # the pin, as vLLM's CMake rewrites it
+    assert len(cute) == pins.fa.cute_file_count and set(cute) == set(pin)
+    # the pin + the shipped patch series: exactly the files the series touches differ
+    assert {n for n in cute if cute[n] != pin[n]} == set().union(*(t for _, _, t in default_fa_series()))
+    # 0001: SM90 head > 256 keeps P in registers for the PV GEMM (measured in docs/fa4-sm90-tuning.md)
+    assert b"return FwdConfig(64, tile_n, False, True)" in pin["interface.py"]
+    assert b"return FwdConfig(64, tile_n, True, True)" in cute["interface.py"]
     assert "flash_fwd_sm90.py" in cute and "flash_fwd_sm90.py" not in old  # new in the pin
     assert all(b"from flash_attn.cute" not in d for d in cute.values())
     assert b"vllm.vllm_flash_attn.cute" in cute["interface.py"]
@@ -85,7 +93,12 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["inputs"]["flash_attention"]["mirror"]
     assert m["overlay"]["layers"] == ["fa4-sm90-hd512"] and m["fa4_mode"] == "bundled"
     assert len(m["overlay"]["files"]) == 3 and m["overlay"]["adds"] == {}
-    assert m["flash_attention"]["patches"] == []
+    assert [(p["name"], p["sha256"]) for p in m["flash_attention"]["patches"]] == \
+        [(n, h) for n, h, _ in default_fa_series()]
+    with zipfile.ZipFile(forged.wheel) as out:
+        cute = {n[len(WHEEL_CUTE) + 1:]: out.read(n) for n in out.namelist() if n.startswith(WHEEL_CUTE + "/")}
+    assert m["flash_attention"]["tree_sha256"] == tree_sha256(cute) != pins.fa.cute_tree_sha256
+    assert m["flash_attention"]["pin_tree_sha256"] == pins.fa.cute_tree_sha256
     assert m["tool"].startswith("vllm-forge ")
     assert isinstance(m["source_date_epoch"], int)
     with zipfile.ZipFile(forged.wheel) as out:
