@@ -16,7 +16,7 @@ from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
-from .fetch import Index, cache_dir, sha256_file
+from .fetch import Index, cache_dir, check_digest, sha256_file
 from .output import publish, source_date_epoch, staged_output
 from .overlay import load_stack, sha256
 from .pins import FA4_MODES, layers_for, load_pins, version_label
@@ -90,10 +90,8 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
             stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
         final = out_dir / forged.filename
         out_digest = pool.submit(sha256_file, tmp_wheel)
-        if base_digest.result() != vpin.wheel_sha256:
-            raise ForgeError(f"sha256 mismatch for base wheel {base}: expected {vpin.wheel_sha256}, "
-                             f"got {base_digest.result()}",
-                             "the file is corrupt, truncated or another build; delete it and download it again")
+        check_digest(base_digest.result(), vpin.wheel_sha256, f"base wheel {base}",
+                     "the file is corrupt, truncated or another build; delete it and download it again")
         report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
                               name=forged.filename)
         manifest = {

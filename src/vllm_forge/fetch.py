@@ -57,13 +57,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_sha256(path: Path, expected: str, what: str) -> None:
-    got = sha256_file(path)
+def check_digest(got: str, expected: str, what: str,
+                 hint: str = "the file is corrupt, truncated or another release; delete it and fetch again") -> None:
+    """The one sha256 refusal: names the thing, both digests, and what to do."""
     if got != expected:
-        raise ForgeError(
-            f"sha256 mismatch for {what} {path}: expected {expected}, got {got}",
-            "the file is corrupt, truncated or another release; delete it and fetch again",
-        )
+        raise ForgeError(f"sha256 mismatch for {what}: expected {expected}, got {got}", hint)
+
+
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    check_digest(sha256_file(path), expected, f"{what} {path}")
 
 
 def safe_member_name(name: str, origin: str) -> PurePosixPath:
@@ -167,9 +169,8 @@ class Index:
                         progress.advance(len(chunk))
                 finally:
                     progress.close()
-            if h.hexdigest() != sha256:
-                raise ForgeError(f"sha256 mismatch for downloaded {filename}: expected {sha256}, got {h.hexdigest()}",
-                                 "the download was corrupt or the index serves another file; try again")
+            check_digest(h.hexdigest(), sha256, f"downloaded {filename}",
+                         "the download was corrupt or the index serves another file; try again")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
