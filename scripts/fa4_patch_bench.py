@@ -7,8 +7,9 @@ ROOT: a directory holding a forged `vllm/` package (e.g. one built with the empt
 one with patches/flash-attention). For each side and head dim (512, 256, 128) a fresh process puts
 ROOT first on sys.path and calls vLLM's `flash_attn_varlen_func(..., fa_version=4)` with the
 default configuration FA4 picks: correctness on a mixed prefill+decode paged batch vs fp64 (rel L2,
-NaN) for blocks 16 and 64, then prefill 4x4096 and 1x16384 (causal) and decode 64x8192, 32 q / 4 kv
-heads, bf16, paged, best of 5. Sides alternate per head dim. Writes $OUT/fa4_patch_bench.json and
+NaN) for blocks 16 and 64, causal and not, then prefill 4x4096 and 1x16384 (causal) and decode 64x8192, 32 q / 4 kv
+heads, bf16, paged, best of 5; the rel L2 printed is the worse of causal and not. Sides alternate
+per head dim. Writes $OUT/fa4_patch_bench.json and
 prints ms, TFLOP/s (TB/s of KV for decode) and after/before.
 """
 
@@ -35,18 +36,21 @@ def child(hd: int) -> None:
     stub_compiled_fa()
     from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
 
-    def call(p: Any, out: torch.Tensor) -> None:
+    def call(p: Any, out: torch.Tensor, causal: bool = True) -> None:
         flash_attn_varlen_func(p.q, p.k_cache, p.v_cache, max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
                                max_seqlen_k=p.max_kv, seqused_k=p.seqused_k, block_table=p.block_table,
-                               causal=True, softmax_scale=hd ** -0.5, fa_version=4, out=out)
+                               causal=causal, softmax_scale=hd ** -0.5, fa_version=4, out=out)
 
     rows = []
     for block in (16, 64):
-        p = make_paged(MIXED, (HQ, HKV), hd, block, seed=1)
-        out = torch.full_like(p.q, float("nan"))
-        call(p, out)
-        torch.cuda.synchronize()
-        err = float("nan") if out.isnan().any() else rel_l2(out, reference(p, hd ** -0.5))
+        errs = []
+        for causal in (True, False):  # correctness gate: rel L2 vs fp64, NaN counts as failure
+            p = make_paged(MIXED, (HQ, HKV), hd, block, seed=1)
+            out = torch.full_like(p.q, float("nan"))
+            call(p, out, causal)
+            torch.cuda.synchronize()
+            errs.append(float("inf") if out.isnan().any() else rel_l2(out, reference(p, hd ** -0.5, causal)))
+        err = max(errs)
         for case, seqs in CASES.items():
             p = make_paged(seqs, (HQ, HKV), hd, block, seed=0)
             out = torch.empty_like(p.q)

@@ -73,8 +73,8 @@ def make_paged(seqs: list[tuple[int, int]], heads: tuple[int, int], head_dim: in
         block_table=table, q_lens=q_lens, kv_lens=kv_lens)
 
 
-def reference(p: Paged, scale: float) -> torch.Tensor:
-    """Causal paged attention in float64 (queries aligned to the end of each sequence)."""
+def reference(p: Paged, scale: float, causal: bool = True) -> torch.Tensor:
+    """Paged attention in float64; causal: queries aligned to the end of each sequence."""
     hq, hkv = p.q.shape[1], p.k_cache.shape[2]
     block = p.k_cache.shape[1]
     out = torch.empty(p.q.shape, dtype=torch.float64, device="cuda")
@@ -88,7 +88,8 @@ def reference(p: Paged, scale: float) -> torch.Tensor:
         q = p.q[start:start + ql].double()
         s = torch.einsum("qhd,khd->hqk", q, k) * scale
         qi = torch.arange(ql, device="cuda")[:, None] + (kl - ql)
-        s.masked_fill_(torch.arange(kl, device="cuda")[None, :] > qi, float("-inf"))
+        if causal:
+            s.masked_fill_(torch.arange(kl, device="cuda")[None, :] > qi, float("-inf"))
         out[start:start + ql] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
         start += ql
     return out
