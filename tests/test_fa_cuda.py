@@ -65,7 +65,7 @@ def _driver_stub(tmp: Path, root: Path) -> list[str]:
 
 @pytest.mark.skipif(not FULL_SRC, reason="VLLM_FORGE_FA_FULL_SRC (a full flash-attention checkout at the pin, "
                     "with csrc/cutlass) is not set; CI cannot fetch one")
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("ninja") is None, reason="no nvcc or ninja")
 def test_standalone_configure_and_fa3_object(tmp_path: Path) -> None:
     if not _cuda_torch():
         pytest.skip(f"{CUDA_PYTHON} has no CUDA build of torch (set VLLM_FORGE_CUDA_PYTHON)")
@@ -84,7 +84,7 @@ def test_standalone_configure_and_fa3_object(tmp_path: Path) -> None:
     for target in ("_vllm_fa2_C", "_vllm_fa3_C"):
         assert f"build {target}" in ninja or f"_deps/vllm-flash-attn-build/{target}" in ninja, target
     obj = "_deps/vllm-flash-attn-build/CMakeFiles/_vllm_fa3_C.dir/hopper/flash_prepare_scheduler.cu.o"
-    subprocess.run([shutil.which("ninja") or "ninja", "-C", str(build), obj], env=env, check=True,
+    subprocess.run(["ninja", "-C", str(build), obj], env=env, check=True,
                    capture_output=True)
     assert (build / obj).stat().st_size > 0
     # the FA4 component of the standalone package: cute/ under vllm_flash_attn, imports rewritten
