@@ -31,7 +31,7 @@ MIXED = [(1, 1), (1, 77), (37, 300), (129, 129), (5, 18), (1, 1000)]
 
 def child(hd: int) -> None:
     import torch
-    from gpu_common import make_paged, reference, rel_l2, stub_compiled_fa
+    from gpu_common import best_ms, causal_flops, kv_bytes, make_paged, reference, rel_l2, stub_compiled_fa
 
     stub_compiled_fa()
     from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
@@ -54,22 +54,10 @@ def child(hd: int) -> None:
         for case, seqs in CASES.items():
             p = make_paged(seqs, (HQ, HKV), hd, block, seed=0)
             out = torch.empty_like(p.q)
-            call(p, out)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            iters = 5 if "prefill" in case else 20
-            best = float("inf")
-            for _ in range(5):
-                start.record()
-                for _ in range(iters):
-                    call(p, out)
-                end.record()
-                torch.cuda.synchronize()
-                best = min(best, start.elapsed_time(end) / iters)
-            flops = sum(4 * HQ * hd * (q * (k - q) + q * (q + 1) / 2) for q, k in seqs)
-            kv_bytes = sum(2 * k * HKV * hd * 2 for _, k in seqs)
-            rows.append({"head": hd, "block": block, "case": case, "ms": best, "tflops": flops / best / 1e9,
-                         "tbs": kv_bytes / best / 1e9, "rel_l2": err})
+            best = best_ms(lambda: call(p, out), 5 if "prefill" in case else 20, reps=5)  # noqa: B023
+            rows.append({"head": hd, "block": block, "case": case, "ms": best,
+                         "tflops": causal_flops(seqs, HQ, hd) / best / 1e9,
+                         "tbs": kv_bytes(seqs, HKV, hd) / best / 1e9, "rel_l2": err})
     print(json.dumps(rows))
 
 

@@ -32,7 +32,7 @@ HEADS = (32, 4)
 
 def child(case: str) -> None:
     import torch
-    from gpu_common import make_paged, stub_compiled_fa
+    from gpu_common import best_ms, causal_flops, make_paged, stub_compiled_fa
 
     stub_compiled_fa()
     from vllm.vllm_flash_attn.cute.interface import _flash_attn_fwd
@@ -49,19 +49,8 @@ def child(case: str) -> None:
                         max_seqlen_q=p.max_q, max_seqlen_k=p.max_kv, page_table=p.block_table,
                         softmax_scale=hd ** -0.5, causal=True, out=out, **kw)
 
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    ms = min(times)
-    flops = 4 * 4 * HEADS[0] * hd * (4096 * 4097 / 2)
+    ms = best_ms(run, 10, reps=5)
+    flops = causal_flops([(4096, 4096)] * 4, HEADS[0], hd)
     print(json.dumps({"ms": ms, "tflops": flops / ms / 1e9}))
 
 

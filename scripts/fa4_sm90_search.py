@@ -23,7 +23,7 @@ import traceback
 from typing import Any
 
 import torch
-from gpu_common import make_paged, reference, rel_l2, stub_compiled_fa, write_json
+from gpu_common import best_ms, causal_flops, make_paged, reference, rel_l2, stub_compiled_fa, write_json
 
 HD, HEADS = 512, (32, 4)
 MIXED = [(1, 1), (1, 77), (37, 300), (129, 129), (5, 18), (1, 1000)]
@@ -39,7 +39,7 @@ def one(tm: int, tn: int, rs: bool, ol: bool) -> dict[str, Any]:
     from vllm.vllm_flash_attn.cute.interface import _flash_attn_fwd
 
     bench = make_paged([(4096, 4096)] * 4, HEADS, HD, 64, seed=0)
-    flops = 4 * 4 * HEADS[0] * HD * (4096 * 4097 / 2)
+    flops = causal_flops([(4096, 4096)] * 4, HEADS[0], HD)
     kw = dict(tile_mn=(tm, tn), mma_pv_is_rs=rs, intra_wg_overlap=ol)
 
     def run(p: Any, out: torch.Tensor, kw: dict[str, Any] = kw) -> None:
@@ -63,15 +63,7 @@ def one(tm: int, tn: int, rs: bool, ol: bool) -> dict[str, Any]:
             row["status"] = "incorrect"
         else:
             out = torch.empty_like(bench.q)
-            run(bench, out)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                run(bench, out)
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 10
+            ms = best_ms(lambda: run(bench, out), 10)
             row.update(status="ok", ms=ms, tflops=flops / ms / 1e9)
     except Exception as e:  # compile or launch failure: keep the evidence
         row.update(status="failed", error=f"{type(e).__name__}: {str(e)[:600]}",

@@ -20,31 +20,18 @@ from typing import Any
 
 import torch
 import triton
-from gpu_common import make_paged, rel_l2, stub_compiled_fa, write_json
+from gpu_common import best_ms, causal_flops, kv_bytes, make_paged, rel_l2, stub_compiled_fa, write_json
 
 HQ, HKV = 32, 4
 CASES = {"prefill 4x4096": [(4096, 4096)] * 4, "prefill 1x16384": [(16384, 16384)],
          "decode 64x8192": [(1, 8192)] * 64, "decode 8x32768": [(1, 32768)] * 8}
 
 
-def timed(fn: Callable[[], Any], iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def bench_case(case: str, seqs: list[tuple[int, int]], hd: int, block: int, varlen: Callable[..., Any],
                unified_attention: Callable[..., Any]) -> dict[str, Any]:
     p = make_paged(seqs, (HQ, HKV), hd, block, seed=0)
     scale = hd ** -0.5
-    flops = sum(4 * HQ * hd * (q * (k - q) + q * (q + 1) / 2) for q, k in seqs)  # causal, QK^T and PV
-    kv_bytes = sum(2 * k * HKV * hd * 2 for _, k in seqs)
+    flops, kv_read = causal_flops(seqs, HQ, hd), kv_bytes(seqs, HKV, hd)
     out_fa, out_tr = torch.empty_like(p.q), torch.empty_like(p.q)
     threshold = 128 // HKV  # MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads, as vLLM's builder
     segm = 16
@@ -68,11 +55,11 @@ def bench_case(case: str, seqs: list[tuple[int, int]], hd: int, block: int, varl
                           softmax_segm_max=segm_max, softmax_segm_expsum=segm_sum)
 
     iters = 5 if "prefill" in case else 20
-    ms_fa, ms_tr = timed(fa4, iters), timed(tri, iters)
+    ms_fa, ms_tr = best_ms(fa4, iters), best_ms(tri, iters)
     diff = rel_l2(out_fa, out_tr.double())
     row = {"case": case, "head": hd, "block": block, "fa4_ms": ms_fa, "triton_ms": ms_tr,
            "fa4_tflops": flops / ms_fa / 1e9, "triton_tflops": flops / ms_tr / 1e9,
-           "fa4_tbs": kv_bytes / ms_fa / 1e9, "triton_tbs": kv_bytes / ms_tr / 1e9,
+           "fa4_tbs": kv_read / ms_fa / 1e9, "triton_tbs": kv_read / ms_tr / 1e9,
            "fa4_over_triton_time": ms_fa / ms_tr, "rel_diff": diff}
     print(f"{case:17} {hd:>3} {block:>3} | {ms_fa:8.3f} {row['fa4_tflops']:7.0f} {row['fa4_tbs']:5.2f} | "
           f"{ms_tr:9.3f} {row['triton_tflops']:7.0f} {row['triton_tbs']:5.2f} | "

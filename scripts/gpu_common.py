@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,33 @@ def reference(p: Paged, scale: float, causal: bool = True) -> torch.Tensor:
         out[start:start + ql] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
         start += ql
     return out
+
+
+def best_ms(fn: Callable[[], object], iters: int, reps: int = 1) -> float:
+    """One warm-up call (FA4 JIT-compiles there), then the best of `reps` runs of `iters` calls,
+    timed with CUDA events: milliseconds per call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / iters)
+    return best
+
+
+def causal_flops(seqs: list[tuple[int, int]], hq: int, hd: int) -> float:
+    """QK^T and PV flops of causal attention, queries aligned to the end of each sequence."""
+    return sum(4 * hq * hd * (q * (k - q) + q * (q + 1) / 2) for q, k in seqs)
+
+
+def kv_bytes(seqs: list[tuple[int, int]], hkv: int, hd: int) -> int:
+    """K and V bytes read (bf16)."""
+    return sum(2 * k * hkv * hd * 2 for _, k in seqs)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
