@@ -23,10 +23,14 @@ from .output import publish, staged_output
 from .pins import load_pins
 
 
-def resolve(wheel: Path, python: str, pip_args: list[str]) -> list[dict]:
-    """pip's installation report for `wheel` (all of it, nothing installed)."""
+def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict]:
+    """pip's installation report for `wheel` (all of it, nothing installed), under `constraints`."""
     with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
         report = Path(tmp) / "report.json"
+        if constraints:
+            constraint_file = Path(tmp) / "constraints.txt"
+            constraint_file.write_text("\n".join(constraints) + "\n")
+            pip_args = [*pip_args, "--constraint", str(constraint_file)]
         cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
                str(report), *pip_args, str(wheel)]
         print(f"resolving {wheel.name} and its dependencies with pip (needs the package index)", file=sys.stderr)
@@ -66,12 +70,7 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     if not wheel.is_file():
         raise ForgeError(f"{wheel} does not exist", "give the path of a forged wheel")
     pip_args = ["--index-url", index_url] if index_url else []
-    with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
-        if tested:
-            constraints = Path(tmp) / "constraints.txt"
-            constraints.write_text("\n".join(load_pins().fa.tested_with) + "\n")
-            pip_args += ["--constraint", str(constraints)]
-        items = resolve(wheel.resolve(), python or sys.executable, pip_args)
+    items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
     lines = lock_lines(wheel, items, wheel_ref or str(wheel))
     header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"
               "# install with: pip install --require-hashes --no-deps -r <this file>\n")
