@@ -13,7 +13,7 @@ from installer.sources import WheelFile
 from test_fa4_sources import _real_patch
 
 from vllm_forge.build import BuildResult, build
-from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256
+from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256, zip_tree
 from vllm_forge.fa4_wheel import build_fa4_wheel
 from vllm_forge.pins import Pins
 from vllm_forge.verify import verify_wheel
@@ -29,7 +29,7 @@ def test_fa4_wheel_contents_and_reproducible(tmp_path: Path, pins: Pins, forged:
     with WheelFile.open(one.wheel) as w:
         w.validate_record()
     with zipfile.ZipFile(one.wheel) as zf:
-        cute = {n[len(CUTE) + 1:]: zf.read(n) for n in zf.namelist() if n.startswith(CUTE + "/")}
+        cute = zip_tree(zf, CUTE)
         meta = zf.read(f"flash_attn_4-{one.version}.dist-info/METADATA").decode()
         assert zf.getinfo(f"{CUTE}/interface.py").date_time[:3] == (2026, 5, 12)  # the pin's commit date
     assert len(cute) == pins.fa.cute_file_count

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import default_fa_series, run_cli
 
 from vllm_forge.build import BuildResult, build
-from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256
+from vllm_forge.fa4 import CUTE, WHEEL_CUTE, tree_sha256, zip_tree
 from vllm_forge.pins import Pins
 from vllm_forge.verify import STAMP, verify_wheel
 
@@ -39,8 +39,7 @@ def test_name_version_and_tags(forged: BuildResult, base_wheel: Path, pins: Pins
 
 def test_cute_tree_replaced(forged: BuildResult, base_wheel: Path, pins: Pins, fa_upstream: Path) -> None:
     with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
-        cute = {n[len(WHEEL_CUTE) + 1:]: out.read(n) for n in out.namelist() if n.startswith(WHEEL_CUTE + "/")}
-        old = {n[len(WHEEL_CUTE) + 1:] for n in base.namelist() if n.startswith(WHEEL_CUTE + "/")}
+        cute, old = zip_tree(out, WHEEL_CUTE), set(zip_tree(base, WHEEL_CUTE))
     src = fa_upstream / CUTE
     pin = {str(f.relative_to(src)): f.read_bytes().replace(b"flash_attn.cute", b"vllm.vllm_flash_attn.cute")
            for f in src.rglob("*.py")}
@@ -96,7 +95,7 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert [(p["name"], p["sha256"]) for p in m["flash_attention"]["patches"]] == \
         [(n, h) for n, h, _ in default_fa_series()]
     with zipfile.ZipFile(forged.wheel) as out:
-        cute = {n[len(WHEEL_CUTE) + 1:]: out.read(n) for n in out.namelist() if n.startswith(WHEEL_CUTE + "/")}
+        cute = zip_tree(out, WHEEL_CUTE)
     assert m["flash_attention"]["tree_sha256"] == tree_sha256(cute) != pins.fa.cute_tree_sha256
     assert m["flash_attention"]["pin_tree_sha256"] == pins.fa.cute_tree_sha256
     assert m["tool"].startswith("vllm-forge ")

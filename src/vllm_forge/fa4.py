@@ -50,6 +50,12 @@ class Fa4Sources:
     patches: list[AppliedPatch] = field(default_factory=list)
 
 
+def zip_tree(zf: zipfile.ZipFile, prefix: str) -> Tree:
+    """The files of an archive under `prefix` (e.g. the wheel's cute directory), relative to it."""
+    return {n[len(prefix) + 1:]: zf.read(n) for n in zf.namelist()
+            if n.startswith(prefix + "/") and not n.endswith("/")}
+
+
 def read_tree(root: Path, origin: str) -> Tree:
     """The *.py files under root (a cute directory), refusing links that leave it."""
     if not (root / "interface.py").is_file():

@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from .assemble import dist_info_dir, metadata_version, open_wheel, record_entry
 from .errors import ForgeError
-from .fa4 import WHEEL_CUTE, tree_sha256
+from .fa4 import WHEEL_CUTE, tree_sha256, zip_tree
 from .overlay import load_stack
 from .patching import read_series
 from .pins import GEMMA4_LAYER, Pins, data_dir, load_pins, version_label
@@ -90,7 +90,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         report.ok(f"RECORD: {len(members)} members listed, the {len(written)} written by vllm-forge hash-checked")
 
         # FA4 tree
-        cute = {n[len(WHEEL_CUTE) + 1:]: zf.read(n) for n in members if n.startswith(WHEEL_CUTE + "/")}
+        cute = zip_tree(zf, WHEEL_CUTE)
         if any(not n.endswith(".py") for n in cute):
             raise _fail(path, f"non-.py files under {WHEEL_CUTE}")
         if mode == "system" and cute:
