@@ -40,7 +40,9 @@ def test_incomplete_checkout_is_refused(tmp_path: Path) -> None:
 def _cuda_torch() -> str | None:
     r = subprocess.run([CUDA_PYTHON, "-c", "import torch; print(torch.version.cuda or '')"],
                        capture_output=True, text=True)
-    return r.stdout.strip() or None if r.returncode == 0 else None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
 
 
 def cuda_root() -> Path:
