@@ -4,7 +4,12 @@
 include(FetchContent)
 
 file(READ "${CMAKE_CURRENT_LIST_DIR}/../../pins.json" _VLLM_FORGE_PINS)
-string(JSON VLLM_FLASH_ATTN_GIT_TAG GET "${_VLLM_FORGE_PINS}" flash_attention commit)
+# the backport pin by default; a `tune` build passes its release's own pin (VLLM_FORGE_FA_COMMIT)
+if(VLLM_FORGE_FA_COMMIT)
+  set(VLLM_FLASH_ATTN_GIT_TAG ${VLLM_FORGE_FA_COMMIT})
+else()
+  string(JSON VLLM_FLASH_ATTN_GIT_TAG GET "${_VLLM_FORGE_PINS}" flash_attention commit)
+endif()
 string(JSON VLLM_FLASH_ATTN_GIT_REPOSITORY GET "${_VLLM_FORGE_PINS}" flash_attention git_repository)
 
 # Like vLLM: VLLM_FLASH_ATTN_SRC_DIR (environment first, then cache variable)

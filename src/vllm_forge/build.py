@@ -14,12 +14,13 @@ from pathlib import Path
 from . import __version__
 from .assemble import assemble, read_base
 from .errors import ForgeError
-from .fa4 import WHEEL_CUTE, get_fa4_sources
+from .fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, check_digest, sha256_file
 from .output import publish, source_date_epoch, staged_output
 from .overlay import load_stack, sha256
-from .pins import FA4_MODES, layers_for, load_pins, version_label
+from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
+from .series import series_for, series_hash
 from .verify import STAMP, verify_wheel
 
 
@@ -31,13 +32,16 @@ class BuildResult:
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
-          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> BuildResult:
+          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False,
+          allow_unvalidated: bool = False) -> BuildResult:
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
-    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4))
+    if vpin.plan == "tune":
+        check_tune(pins, vpin, fa_patch_dir, fa4_mode, gemma4_fa4, allow_unvalidated)
+    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4) if vpin.plan == "backport" else [])
     index = cache(lambda: Index(index_url))
     project = pins.index_project
 
@@ -53,8 +57,9 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
-    print(f"vllm-forge {__version__}: vLLM {vpin.version} + flash-attention {pins.fa.short} "
-          f"(overlay {' + '.join(stack.ids)}, FA4 {fa4_mode})", file=sys.stderr)
+    target = fa_target(pins, vpin, base)
+    print(f"vllm-forge {__version__}: vLLM {vpin.version} ({vpin.plan}) + flash-attention {target.short} "
+          f"(overlay {' + '.join(stack.ids) or 'none'}, FA4 {fa4_mode})", file=sys.stderr)
 
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
             ThreadPoolExecutor(2) as pool:
@@ -62,13 +67,14 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         base_files, base_stamp = read_base(base, vpin.version, stack.paths)
         overlaid, done = stack.apply(base_files)
         adds = stack.adds()
-        fa = get_fa4_sources(pins.fa, Path(work), index, project, fa_src, fa_patch_dir)
+        fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
         epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
         stamp = {
             "tool": f"vllm-forge {__version__}",
             "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+            "plan": vpin.plan,
             "flash_attention": {
-                "commit": pins.fa.commit, "pin_tree_sha256": fa.pin_tree_sha256,
+                "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,
                 "tree_sha256": fa.tree_sha256,
                 "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
             },
@@ -83,10 +89,15 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         tmp_wheel = temp(".whl.part")
         bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
         system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
+        # backport: FA4's runtime requirements merged in; tune: the release's own FA4 pins stay
+        requires = ([] if vpin.plan == "tune" else
+                    list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
+        label = version_label(target.short, fa4_mode, gemma4_fa4, series_hash([p.sha256 for p in fa.patches])
+                              if fa.patches else "")
         forged = assemble(
-            base, tmp_wheel, label=version_label(pins.fa.short, fa4_mode, gemma4_fa4),
+            base, tmp_wheel, label=label,
             drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
-            requires=list(pins.fa.requires) + (system_req if fa4_mode == "system" else []),
+            requires=requires,
             stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
         final = out_dir / forged.filename
         out_digest = pool.submit(sha256_file, tmp_wheel)
@@ -100,7 +111,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
                        "size": tmp_wheel.stat().st_size},
             "inputs": {
                 "base_wheel": {"file": vpin.wheel, "sha256": vpin.wheel_sha256, "mirror": base_origin},
-                "flash_attention": {"commit": pins.fa.commit, "tree_sha256": fa.pin_tree_sha256,
+                "flash_attention": {"commit": target.commit, "tree_sha256": fa.pin_tree_sha256,
                                     "mirror": fa.mirror},
                 "pins": {"file": "pins.json", "sha256": sha256_file(pins.path)},
             },
@@ -116,3 +127,28 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     for check in report.checks:
         print(f"  ok: {check}", file=sys.stderr)
     return BuildResult(final, manifest_path)
+
+
+def check_tune(pins: Pins, vpin: VllmPin, fa_patch_dir: Path | None, fa4_mode: str, gemma4_fa4: bool,
+               allow_unvalidated: bool) -> None:
+    """A `tune` build: the release's own FA pin + that pin's series, shipped only GPU-validated."""
+    if fa4_mode != "bundled" or gemma4_fa4:
+        raise ForgeError(f"--fa4 {fa4_mode}{' --gemma4-fa4' if gemma4_fa4 else ''} is a backport layer: "
+                         f"vLLM {vpin.version} (tune) has no such layer",
+                         "build it without those options; vLLM carries PR #38835 itself")
+    if fa_patch_dir is not None:
+        return  # the caller's own series, named by its hash in the version: their call
+    series = series_for(vpin.cute_tree_sha256)
+    if series is None:
+        raise ForgeError(f"no flash-attention series for vLLM {vpin.version}'s FA pin {vpin.fa_short} "
+                         f"(tree {vpin.cute_tree_sha256[:12]})",
+                         "port one with `vllm-forge refresh --fa-series --from 0.22.0 --to "
+                         f"{vpin.version}`, or pass --fa-patches")
+    why = series.validated()
+    if why and not allow_unvalidated:
+        raise ForgeError(f"the flash-attention series {series.dir.name} for vLLM {vpin.version}'s FA pin "
+                         f"{vpin.fa_short} is not GPU-validated: {why}",
+                         "validate it on an H100 (scripts/gpu_series.py) or pass --allow-unvalidated")
+    if why:
+        print(f"  warning: shipping series {series.dir.name} unvalidated ({why}): --allow-unvalidated",
+              file=sys.stderr)

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a)")
     b.add_argument("--gemma4-fa4", action="store_true",
                    help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
+    b.add_argument("--allow-unvalidated", action="store_true",
+                   help="tune releases: ship a flash-attention series that has no GPU validation record")
 
     v = sub.add_parser("verify", help="static checks of a forged wheel")
     v.add_argument("wheel", type=Path)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4, args.gemma4_fa4)
+                           args.fa4, args.gemma4_fa4, args.allow_unvalidated)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel

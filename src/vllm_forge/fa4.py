@@ -21,9 +21,17 @@ from pathlib import Path
 import git
 
 from .errors import ForgeError
-from .fetch import Index, RangesUnsupported, cache_dir, cached_download, check_sha256, safe_member_name
+from .fetch import (
+    Index,
+    RangesUnsupported,
+    cache_dir,
+    cached_download,
+    check_sha256,
+    safe_member_name,
+)
 from .patching import AppliedPatch, apply_series
-from .pins import FaPin, data_dir
+from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir
+from .series import series_for
 
 UPSTREAM_PKG = "flash_attn.cute"
 VLLM_PKG = "vllm.vllm_flash_attn.cute"
@@ -38,6 +46,36 @@ def tree_sha256(tree: Tree) -> str:
     """sha256 over `sha256sum`-style lines of the .py files, sorted by path."""
     lines = "".join(f"{hashlib.sha256(tree[p]).hexdigest()}  {p}\n" for p in sorted(tree))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FaTarget:
+    """The flash-attention FA4 tree a forged wheel carries, and where it can be had."""
+
+    commit: str
+    cute_tree_sha256: str          # as vLLM's CMake rewrites it (tree_sha256)
+    git_repository: str
+    wheel: WheelMirror             # a vLLM wheel that ships exactly this tree
+    local_wheel: Path | None = None  # that wheel, already here and sha256-checked (the tune base)
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+
+def fa_target(pins: Pins, vpin: VllmPin, local_wheel: Path | None = None) -> FaTarget:
+    """backport: pins.json's FA pin (mirror: the vLLM wheel that ships it); tune: the release's own
+    pin, whose first mirror is the release wheel itself."""
+    if vpin.plan == "backport":
+        return FaTarget(pins.fa.commit, pins.fa.cute_tree_sha256, pins.fa.git_repository, pins.fa.wheel_mirror)
+    mirror = WheelMirror(vpin.version, vpin.wheel, vpin.wheel_sha256, WHEEL_CUTE + "/")
+    return FaTarget(vpin.flash_attention_commit, vpin.cute_tree_sha256, pins.fa.git_repository, mirror, local_wheel)
+
+
+def default_patch_dir(target: FaTarget) -> Path | None:
+    """The series of that pin (patches/flash-attention/manifest.json), None if it has none."""
+    found = series_for(target.cute_tree_sha256)
+    return found.dir if found else None
 
 
 @dataclass
@@ -139,12 +177,15 @@ def from_git(url: str, commit: str) -> Tree:
     return tree
 
 
-def from_wheel(pin: FaPin, index: Callable[[], Index], project: str) -> tuple[Tree, str]:
+def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) -> tuple[Tree, str]:
     """The cute files of the vLLM wheel that ships the pin, un-rewritten to upstream form."""
-    wm = pin.wheel_mirror
+    wm = pin.wheel_mirror if isinstance(pin, FaPin) else pin.wheel
+    local = None if isinstance(pin, FaPin) else pin.local_wheel
     cached = cache_dir() / "dl" / wm.wheel
     fetched = ""
-    if cached.is_file():
+    if local is not None:
+        zf = zipfile.ZipFile(local)  # the base wheel of this build: its sha256 is checked by the build
+    elif cached.is_file():
         check_sha256(cached, wm.wheel_sha256, "cached")
         zf = zipfile.ZipFile(cached)
     else:
@@ -191,7 +232,7 @@ def cmake_exe() -> str:
     return found
 
 
-def cmake_install_fa4(src_root: Path, work: Path) -> Tree:
+def cmake_install_fa4(src_root: Path, work: Path, commit: str | None = None) -> Tree:
     """Run the project's CMake FA4 component on a flash-attention tree; return the result."""
     build, prefix = work / "cmake-build", work / "cmake-install"
     shutil.rmtree(build, ignore_errors=True)
@@ -199,7 +240,8 @@ def cmake_install_fa4(src_root: Path, work: Path) -> Tree:
     env = {**os.environ, "VLLM_FLASH_ATTN_SRC_DIR": str(src_root)}
     cmake = cmake_exe()
     for cmd in (
-        [cmake, "-S", str(data_dir()), "-B", str(build), "-DVLLM_FORGE_FA4=ON"],
+        [cmake, "-S", str(data_dir()), "-B", str(build), "-DVLLM_FORGE_FA4=ON",
+         *([f"-DVLLM_FORGE_FA_COMMIT={commit}"] if commit else [])],
         [cmake, "--install", str(build), "--component", FA4_COMPONENT, "--prefix", str(prefix)],
     ):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -209,7 +251,7 @@ def cmake_install_fa4(src_root: Path, work: Path) -> Tree:
     return read_tree(prefix / WHEEL_CUTE, "CMake FA4 component output")
 
 
-def _mirrors(fa_src: str | None, pin: FaPin, index: Callable[[], Index],
+def _mirrors(fa_src: str | None, pin: FaTarget, index: Callable[[], Index],
              project: str) -> list[tuple[str, Callable[[], tuple[Tree, str]]]]:
     if fa_src:
         if "://" in fa_src or fa_src.startswith("git@") or fa_src.endswith(".git"):
@@ -219,16 +261,23 @@ def _mirrors(fa_src: str | None, pin: FaPin, index: Callable[[], Index],
     env_dir = os.environ.get("VLLM_FLASH_ATTN_SRC_DIR")
     if env_dir:
         chain.append(("VLLM_FLASH_ATTN_SRC_DIR", lambda: (from_local(Path(env_dir)), f"local {env_dir}")))
+    if pin.local_wheel is not None:
+        chain.append(("base wheel", lambda: from_wheel(pin, index, project)))
     cached = cache_dir() / "fa4" / pin.commit
     chain.append(("cache", lambda: (from_local(cached), f"cache {cached}")))
     chain.append(("git", lambda: (from_git(pin.git_repository, pin.commit),
                                   f"git {pin.git_repository}@{pin.commit}")))
-    chain.append(("wheel", lambda: from_wheel(pin, index, project)))
+    if pin.local_wheel is None:
+        chain.append(("wheel", lambda: from_wheel(pin, index, project)))
     return chain
 
 
-def get_fa4_sources(pin: FaPin, work: Path, index: Callable[[], Index], project: str,
+def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index], project: str,
                     fa_src: str | None = None, patch_dir: Path | None = None) -> Fa4Sources:
+    """The pinned FA4 tree, verified, with the patch series applied: patch_dir, else the pin's
+    own series from patches/flash-attention/manifest.json (none: the pin as it is)."""
+    if isinstance(pin, FaPin):
+        pin = FaTarget(pin.commit, pin.cute_tree_sha256, pin.git_repository, pin.wheel_mirror)
     failures: list[str] = []
     for name, fetch in _mirrors(fa_src, pin, index, project):
         try:
@@ -236,7 +285,7 @@ def get_fa4_sources(pin: FaPin, work: Path, index: Callable[[], Index], project:
             staging = work / "fa-src"
             shutil.rmtree(staging, ignore_errors=True)
             write_tree(upstream, staging / CUTE)
-            rewritten = cmake_install_fa4(staging, work)
+            rewritten = cmake_install_fa4(staging, work, pin.commit)
             got = tree_sha256(rewritten)
             if got != pin.cute_tree_sha256:
                 raise ForgeError(
@@ -250,14 +299,14 @@ def get_fa4_sources(pin: FaPin, work: Path, index: Callable[[], Index], project:
             print(f"  FA4 mirror {name} unusable: {e.what}", file=sys.stderr, flush=True)
             continue
         print(f"  FA4 sources: {len(rewritten)} files from {mirror}, tree hash verified", file=sys.stderr)
-        if name != "cache":
+        if name not in ("cache", "base wheel"):
             _store_in_cache(upstream, pin.commit)
         result = Fa4Sources(rewritten, upstream, mirror, got, got)
-        patch_dir = patch_dir if patch_dir is not None else data_dir() / "patches" / "flash-attention"
-        if patch_dir.is_dir():
+        patch_dir = patch_dir if patch_dir is not None else default_patch_dir(pin)
+        if patch_dir is not None and patch_dir.is_dir():
             result.patches = apply_series(patch_dir, staging)
         if result.patches:
-            result.files = cmake_install_fa4(staging, work)
+            result.files = cmake_install_fa4(staging, work, pin.commit)
             result.upstream = read_tree(staging / CUTE, "patched flash-attention")
             result.tree_sha256 = tree_sha256(result.files)
         return result

@@ -7,7 +7,6 @@ installed FA4 ("system FA4") can serve vLLM. Version: <upstream>+vllm.<pin7>[.p<
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import zipfile
@@ -24,13 +23,14 @@ from .fetch import Index
 from .output import publish, source_date_epoch, staged_output
 from .patching import AppliedPatch
 from .pins import FaPin, load_pins
+from .series import series_hash
 
 
 def fa4_wheel_version(fa: FaPin, patches: list[AppliedPatch]) -> str:
     """<upstream>+vllm.<pin7>, with .p<hash7> of the patch series when there is one."""
     label = f"vllm.{fa.short}"
     if patches:  # a patched tree is another build of the same commit
-        label += ".p" + hashlib.sha256("".join(p.sha256 for p in patches).encode()).hexdigest()[:7]
+        label += ".p" + series_hash([p.sha256 for p in patches])
     return f"{fa.fa4_wheel.upstream_version}+{label}"
 
 

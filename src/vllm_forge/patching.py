@@ -36,6 +36,23 @@ def read_series(patch_dir: Path) -> list[Path]:
     return patches
 
 
+def patch_paths(patch: Path) -> list[str]:
+    """The paths a patch changes (its ---/+++ lines, a/ b/ prefixes dropped), refusing any that
+    would leave the tree it is applied to."""
+    out = []
+    for ln in patch.read_text(errors="replace").splitlines():
+        if ln.startswith(("--- ", "+++ ")):
+            name = ln[4:].split("\t", 1)[0].strip()
+            if name == "/dev/null":
+                continue
+            rel = name[2:] if name.startswith(("a/", "b/")) else name
+            if name.startswith("/") or ".." in Path(rel).parts or not rel:
+                raise ForgeError(f"patch {patch.name} touches {name!r}, outside the tree it applies to",
+                                 "refusing it; fix the patch")
+            out.append(rel)
+    return out
+
+
 def apply_patch(patch: Path, root: Path) -> AppliedPatch:
     """Apply one patch (paths with a/ b/ prefixes) to the files under root, or refuse."""
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}

@@ -35,9 +35,16 @@ def layers_for(overlay: str, fa4_mode: str, gemma4_fa4: bool) -> list[str]:
     return [overlay] + ([SYSTEM_LAYER] if fa4_mode != "bundled" else []) + ([GEMMA4_LAYER] if gemma4_fa4 else [])
 
 
-def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False) -> str:
-    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.system|.both][.gemma4]."""
-    label = f"fa4.{short}" if fa4_mode == "bundled" else f"fa4.{short}.{fa4_mode}"
+PLANS = ("backport", "tune")
+
+
+def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False, series: str = "") -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4].
+
+    series: the short hash of the flash-attention patch series (patching.series_hash), so a
+    build with another series or pin never gets the name of the default one."""
+    label = f"fa4.{short}" + (f".p{series}" if series else "")
+    label += "" if fa4_mode == "bundled" else f".{fa4_mode}"
     return label + (".gemma4" if gemma4_fa4 else "")
 
 
@@ -48,8 +55,19 @@ class VllmPin:
     wheel_sha256: str
     sdist: str
     sdist_sha256: str
-    flash_attention_commit: str  # the release's own (old) flash-attention pin
-    overlay: str
+    flash_attention_commit: str  # the release's own flash-attention pin
+    plan: str                    # backport: overlay + pins.json's FA pin; tune: its own FA pin + series
+    cute_tree_sha256: str = ""   # the release wheel's own vllm/vllm_flash_attn/cute tree (tree_sha256)
+    cute_file_count: int = 0
+    wheel_choice: str = ""       # why this wheel of the release (build tags, platforms)
+    overlay: str = ""            # backport only
+    torch: str = ""
+    fa4_requires: tuple[str, ...] = ()   # requirements/cuda.txt's FA4 runtime lines (informational)
+    refused: str = ""            # a release that cannot be served: why
+
+    @property
+    def fa_short(self) -> str:
+        return self.flash_attention_commit[:7]
 
 
 @dataclass(frozen=True)
@@ -96,16 +114,27 @@ class Pins:
     fa: FaPin
     cuda_image_tag: str  # the Docker base images' CUDA (docker/Dockerfile.in)
 
-    def for_version(self, version: str) -> VllmPin:
+    def for_version(self, version: str, servable: bool = True) -> VllmPin:
         try:
-            return self.vllm[version]
+            vpin = self.vllm[version]
         except KeyError:
-            known = ", ".join(sorted(self.vllm))
+            known = ", ".join(sorted(self.vllm, key=_version_key))
             raise ForgeError(
                 f"unknown vLLM version {version!r}: {self.path.name} pins only {known}",
                 "pick a pinned version, or add one to pins.json with its wheel sha256 "
-                "and an overlay whose base hashes match",
+                "(scripts/pin_releases.py) and a plan",
             ) from None
+        if servable and vpin.refused:
+            raise ForgeError(f"vLLM {version} cannot be forged: {vpin.refused}", "pick another release")
+        return vpin
+
+    def fa_commit(self, vpin: VllmPin) -> str:
+        """The flash-attention commit whose FA4 the forged wheel of vpin carries."""
+        return self.fa.commit if vpin.plan == "backport" else vpin.flash_attention_commit
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
 def load_pins(path: Path | None = None) -> Pins:
@@ -113,11 +142,12 @@ def load_pins(path: Path | None = None) -> Pins:
     try:
         raw = json.loads(path.read_text())
         fa = raw["flash_attention"]
-        return Pins(
+        pins = Pins(
             path=path,
             default_vllm=raw["default_vllm"],
             index_project=raw["index_project"],
-            vllm={v: VllmPin(version=v, **spec) for v, spec in raw["vllm"].items()},
+            vllm={v: VllmPin(version=v, **{**spec, "fa4_requires": tuple(spec.get("fa4_requires", ()))})
+                  for v, spec in raw["vllm"].items()},
             fa=FaPin(
                 git_repository=fa["git_repository"],
                 commit=fa["commit"],
@@ -131,5 +161,11 @@ def load_pins(path: Path | None = None) -> Pins:
             ),
             cuda_image_tag=raw["docker"]["cuda_image_tag"],
         )
+        for v in pins.vllm.values():
+            if v.plan not in PLANS or (v.plan == "backport" and not v.overlay) or \
+                    (v.plan == "tune" and len(v.cute_tree_sha256) != 64):
+                raise ValueError(f"vLLM {v.version}: plan {v.plan!r} needs "
+                                 + ("an overlay" if v.plan == "backport" else "a cute_tree_sha256"))
+        return pins
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e

@@ -32,24 +32,34 @@ class RefreshReport:
     merged: list[str] = field(default_factory=list)
 
 
-def _merge(current: bytes, base: bytes, ours: bytes, path: str, work: Path) -> bytes:
+def merge3(current: bytes, base: bytes, ours: bytes, work: Path) -> tuple[bytes, list[int]]:
+    """git merge-file of our change (base -> ours) onto current: the result (with conflict markers
+    where it failed) and the merged line numbers where each conflict starts."""
+    work.mkdir(parents=True, exist_ok=True)
     names = ("new", "old", "ours")
     for n, data in zip(names, (current, base, ours), strict=True):
         (work / n).write_bytes(data)
     g = git.Git(str(work))
-    status, merged, _ = g.execute(["git", "merge-file", "-p", "-L", "new release", "-L", "old base",
+    status, merged, _ = g.execute(["git", "merge-file", "-p", "-L", "new", "-L", "old base",
                                    "-L", "vllm-forge", *names], with_extended_output=True, with_exceptions=False,
                                   strip_newline_in_stdout=False)
-    if status != 0:
-        lines = merged.splitlines()
-        starts = [i + 1 for i, ln in enumerate(lines) if ln.startswith("<<<<<<< ")]
+    out = merged.encode() if isinstance(merged, str) else bytes(merged)
+    starts = [i + 1 for i, ln in enumerate(out.decode(errors="replace").splitlines()) if ln.startswith("<<<<<<< ")]
+    if status != 0 and not starts:
+        raise ForgeError(f"git merge-file failed (status {status})", "check that git is installed")
+    return out, starts
+
+
+def _merge(current: bytes, base: bytes, ours: bytes, path: str, work: Path) -> bytes:
+    merged, starts = merge3(current, base, ours, work)
+    if starts:
         raise ForgeError(f"refresh conflict in {path}: {len(starts)} hunk(s), at merged lines "
                          f"{', '.join(map(str, starts))}",
                          "port that hunk by hand on the new release's file, then add it to vllm_overlay/")
-    return merged.encode() if isinstance(merged, str) else bytes(merged)
+    return merged
 
 
-def _diff(path: str, before: bytes, after: bytes, work: Path) -> str:
+def diff(path: str, before: bytes, after: bytes, work: Path) -> str:
     for side, data in (("a", before), ("b", after)):
         f = work / side / path
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +104,7 @@ def refresh(from_version: str, to_version: str, data: Path | None = None, force:
             else:
                 merged = _merge(new_files[path], old_files[path], ours, path, work)
                 name = f"{new_id}/{Path(path).name}.patch"
-                new_patches[name] = _diff(path, new_files[path], merged, work / "diff")
+                new_patches[name] = diff(path, new_files[path], merged, work / "diff")
                 spec["files"][path] = name
                 result = sha256(merged)
                 report.merged.append(path)

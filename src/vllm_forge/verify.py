@@ -14,10 +14,11 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from .assemble import dist_info_dir, metadata_version, open_wheel, record_entry
 from .errors import ForgeError
-from .fa4 import WHEEL_CUTE, tree_sha256, zip_tree
+from .fa4 import WHEEL_CUTE, fa_target, tree_sha256, zip_tree
 from .overlay import load_stack
 from .patching import read_series
-from .pins import GEMMA4_LAYER, Pins, data_dir, load_pins, version_label
+from .pins import GEMMA4_LAYER, Pins, load_pins, version_label
+from .series import series_for, series_hash
 
 STAMP = "vllm_forge.json"
 
@@ -59,15 +60,22 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         except KeyError:
             raise _fail(path, f"no {di}/{STAMP}: not a vllm-forge wheel") from None
         vpin = pins.for_version(stamp["vllm"]["version"])
+        plan = stamp.get("plan", "backport")
+        if plan != vpin.plan:
+            raise _fail(path, f"built with plan {plan}, pins.json says {vpin.plan} for vLLM {vpin.version}")
         fa = pins.fa
+        target = fa_target(pins, vpin)
         mode = stamp.get("fa4_mode", "bundled")
-        expect = f"{vpin.version}+{version_label(fa.short, mode, GEMMA4_LAYER in stamp['overlay']['layers'])}"
-        if str(version) != expect or stamp["flash_attention"]["commit"] != fa.commit:
-            raise _fail(path, f"version {version} / FA commit {stamp['flash_attention']['commit'][:12]} "
+        s_fa = stamp["flash_attention"]
+        series = series_hash([p["sha256"] for p in s_fa["patches"]]) if s_fa["patches"] else ""
+        expect = (f"{vpin.version}+"
+                  f"{version_label(target.short, mode, GEMMA4_LAYER in stamp['overlay']['layers'], series)}")
+        if str(version) != expect or s_fa["commit"] != target.commit:
+            raise _fail(path, f"version {version} / FA commit {s_fa['commit'][:12]} "
                               f"do not match the pins ({expect})")
         if stamp["vllm"]["wheel_sha256"] != vpin.wheel_sha256:
             raise _fail(path, "built from a base wheel other than the pinned one")
-        report.ok(f"version {version} matches pins (vLLM {vpin.version}, flash-attention {fa.short})")
+        report.ok(f"version {version} matches pins (vLLM {vpin.version}, {plan}, flash-attention {target.short})")
 
         # RECORD
         record_name = f"{di}/RECORD"
@@ -96,25 +104,25 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         if mode == "system" and cute:
             raise _fail(path, f"a --fa4 system wheel bundles {WHEEL_CUTE}")
         got_tree = tree_sha256(cute)
-        s_fa = stamp["flash_attention"]
-        if s_fa["pin_tree_sha256"] != fa.cute_tree_sha256:
+        if s_fa["pin_tree_sha256"] != target.cute_tree_sha256:
             raise _fail(path, "stamp's pinned FA4 tree hash differs from pins.json")
-        patch_dir = fa_patch_dir if fa_patch_dir is not None else data_dir() / "patches" / "flash-attention"
+        default_series = series_for(target.cute_tree_sha256)
+        patch_dir = fa_patch_dir if fa_patch_dir is not None else default_series.dir if default_series else None
         if mode == "system":
             report.ok(f"FA4: none bundled (system FA4, {fa.fa4_wheel.name} required)")
         elif not s_fa["patches"]:
-            if got_tree != fa.cute_tree_sha256:
-                raise _fail(path, f"FA4 tree hash {got_tree} != pinned {fa.cute_tree_sha256}")
-            report.ok(f"FA4 tree: {len(cute)} files, hash = pin {fa.cute_tree_sha256[:12]}")
+            if got_tree != target.cute_tree_sha256:
+                raise _fail(path, f"FA4 tree hash {got_tree} != pinned {target.cute_tree_sha256}")
+            report.ok(f"FA4 tree: {len(cute)} files, hash = pin {target.cute_tree_sha256[:12]}")
         else:
             if got_tree != s_fa["tree_sha256"]:
                 raise _fail(path, f"FA4 tree hash {got_tree} != recorded patched hash {s_fa['tree_sha256']}")
-            if patch_dir.is_dir():
+            if patch_dir is not None and patch_dir.is_dir():
                 ours = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in read_series(patch_dir)}
                 theirs = {p["name"]: p["sha256"] for p in s_fa["patches"]}
                 if ours != theirs:
                     raise _fail(path, f"FA4 patches {sorted(theirs)} differ from the series in {patch_dir}")
-            report.ok(f"FA4 tree: {len(cute)} files, pin {fa.short} + {len(s_fa['patches'])} patches, "
+            report.ok(f"FA4 tree: {len(cute)} files, pin {target.short} + {len(s_fa['patches'])} patches, "
                       f"hash {got_tree[:12]}")
 
         # overlay
@@ -126,18 +134,20 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
             if zf.read(p) != data:
                 raise _fail(path, f"{p} differs from overlay file of vllm-forge")
         report.ok(f"overlay {' + '.join(stack.ids)}: {len(stack.paths)} files match their result sha256"
-                  + (f", {len(stack.adds())} added" if stack.adds() else ""))
+                  + (f", {len(stack.adds())} added" if stack.adds() else "") if stack.ids
+                  else "overlay: none (tune: the release carries PR #38835)")
 
         # metadata
         meta = zf.read(f"{di}/METADATA").decode()
         reqs = [Requirement(ln.split(":", 1)[1].strip()) for ln in meta.split("\n\n", 1)[0].splitlines()
                 if ln.startswith("Requires-Dist:")]
-        for need in fa.requires:
+        for need in fa.requires if plan == "backport" else ():
             r = Requirement(need)
             have = [q for q in reqs if canonicalize_name(q.name) == canonicalize_name(r.name)]
             if not have or not all(set(r.specifier) <= set(q.specifier) for q in have):
                 raise _fail(path, f"METADATA does not require {need}")
-        report.ok(f"METADATA requires the pinned FA4's {len(fa.requires)} dependencies")
+        report.ok(f"METADATA requires the pinned FA4's {len(fa.requires)} dependencies" if plan == "backport"
+                  else "METADATA: the release's own Requires-Dist (FA4 runtime pins kept)")
     if deep:
         try:
             with WheelFile.open(path) as source:
