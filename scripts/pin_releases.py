@@ -14,6 +14,7 @@ prints a table. Resumable: sdists and the wheels' members read are cached under 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -32,8 +33,9 @@ from vllm_forge.fa4 import UPSTREAM_PKG, VLLM_PKG, WHEEL_CUTE, tree_sha256
 from vllm_forge.fetch import Index, cache_dir, cached_download
 from vllm_forge.overlay import carries_fix, sha256
 
-VERSIONS = ("0.17.0 0.17.1 0.18.0 0.18.1 0.19.0 0.19.1 0.20.0 0.20.1 0.20.2 0.21.0 0.22.0 0.22.1 0.23.0 "
-            "0.24.0 0.25.0 0.25.1 0.26.0 0.27.0 0.27.1 0.28.0 0.29.0 0.30.0 0.31.0 0.32.0 0.33.0").split()
+VERSIONS = ["0.17.0", "0.17.1", "0.18.0", "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2",
+            "0.21.0", "0.22.0", "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0",
+            "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0"]
 PROJECT = "vllm"
 BASES = ("vllm/v1/attention/backends/flash_attn.py", "vllm/v1/attention/backends/fa_utils.py",
          "vllm/vllm_flash_attn/flash_attn_interface.py")
@@ -61,6 +63,8 @@ def pick_wheel(index: Index, version: str) -> tuple[str, str]:
     (build, name), others = found[-1], found[:-1]
     if not others:
         return name, "only x86_64 wheel"
+    if others[-1][0] == build:
+        raise SystemExit(f"vllm {version}: several x86_64 wheels with one build tag: {found}")
     rest = ", ".join(f"build tag {b[0]}" if b else "the untagged upload" for b, _ in others)
     return name, f"build tag {build[0] if build else 'none'} over {rest}: pip prefers the highest build tag"
 
@@ -76,9 +80,9 @@ def wheel_members(index: Index, wheel: str, sha: str) -> Path:
     if path.is_file():
         return path
     remote = index.open_remote(PROJECT, wheel, sha)
-    zf = zipfile.ZipFile(remote)  # type: ignore[arg-type]
+    zf = zipfile.ZipFile(remote)
     infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
-    nxt = {a.header_offset: b.header_offset for a, b in zip(infos, infos[1:], strict=False)}
+    nxt = {a.header_offset: b.header_offset for a, b in itertools.pairwise(infos)}
     cute = [i for i in infos if i.filename.startswith(WHEEL_CUTE + "/") and not i.is_dir()]
     meta = [i for i in infos if re.fullmatch(r"vllm-[^/]+\.dist-info/METADATA", i.filename)]
     groups = [cute] + [[i] for i in infos if i.filename in BASES] + [meta]
@@ -111,8 +115,8 @@ def read_sdist(path: Path, version: str) -> dict[str, Any]:
     tags = set(re.findall(r"GIT_TAG\s+([0-9a-f]{40})\b", text.get(cmake, "")))
     if len(tags) != 1:
         raise SystemExit(f"{path.name}: expected one 40-hex flash-attention GIT_TAG, found {sorted(tags)}")
-    reqs: list[str] = []
-    torch = ""
+    reqs: dict[str, str] = {}
+    torch: dict[str, str] = {}
     for f in ("requirements/cuda.txt", "requirements/common.txt", "requirements/build.txt"):
         for line in text.get(f, "").splitlines():
             spec = strip_marker(line)
@@ -122,11 +126,13 @@ def read_sdist(path: Path, version: str) -> dict[str, Any]:
                 name = canonicalize_name(Requirement(spec).name)
             except InvalidRequirement:
                 continue
-            if name == "torch" and not torch and "==" in spec:
-                torch = spec
-            if name in FA4_REQS and f != "requirements/build.txt" and spec not in reqs:
-                reqs.append(spec)
-    return {"flash_attention_commit": tags.pop(), "torch": torch, "fa4_requires": reqs}
+            if name == "torch" and "==" in spec:
+                torch.setdefault(spec, f)
+            if name in FA4_REQS and f != "requirements/build.txt":
+                reqs.setdefault(spec, f)
+    flags = [f"torch pins differ: {torch}"] if len(torch) > 1 else []
+    return {"flash_attention_commit": tags.pop(), "torch": next(iter(torch), ""), "fa4_requires": list(reqs),
+            "fa4_requires_from": reqs, "flags": flags}
 
 
 def read_wheel(members: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -168,7 +174,6 @@ def pin(index: Index, version: str, out: Path, stored: dict[str, str]) -> dict[s
     rec |= read_sdist(cached_download(lambda: index, PROJECT, sdist, ssha), version)
     info, py = read_wheel(wheel_members(index, wheel, wsha))
     rec |= info
-    rec["flags"] = []
     if version in SELF_TEST and (rec["cute_tree_sha256"], rec["cute_file_count"]) != SELF_TEST[version]:
         raise SystemExit(f"self-test failed: {version} cute tree {rec['cute_tree_sha256']} / {len(py)} files")
     if py:

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--to", dest="to_version", required=True, help="the release to port it to (pinned in pins.json)")
     r.add_argument("--data-dir", type=Path, help="where pins.json and vllm_overlay/ are written (default: the tool's)")
     r.add_argument("--force", action="store_true", help="merge even into a release that already carries the fix")
+    r.add_argument("--fa-series", action="store_true",
+                   help="port the flash-attention patch series of --from's FA pin to --to's FA pin instead")
+    r.add_argument("--conflicts", type=Path, help="with --fa-series: leave merged files with conflict markers here")
+    r.add_argument("--index-url", help="package index simple API (default: pip's)")
 
     args = ap.parse_args(argv)
     try:
@@ -92,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
             out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
             print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest))
+        elif args.cmd == "refresh" and args.fa_series:
+            from .refresh_fa import refresh_fa_series
+
+            port = refresh_fa_series(args.from_version, args.to_version, args.data_dir, args.conflicts,
+                                     args.index_url)
+            print(f"series {port.dir.name}: {len(port.patches)} patch(es) ported cleanly "
+                  f"({', '.join(port.files)}); not GPU-validated yet")
         elif args.cmd == "refresh":
             from .refresh import refresh
 
