@@ -31,7 +31,15 @@ MIXED = [(1, 1), (1, 77), (37, 300), (129, 129), (5, 18), (1, 1000)]
 
 def child(hd: int) -> None:
     import torch
-    from gpu_common import best_ms, causal_flops, kv_bytes, make_paged, reference, rel_l2, stub_compiled_fa
+    from gpu_common import (
+        best_ms,
+        causal_flops,
+        kv_bytes,
+        make_paged,
+        reference,
+        rel_l2,
+        stub_compiled_fa,
+    )
 
     stub_compiled_fa()
     from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func

@@ -23,7 +23,15 @@ import traceback
 from typing import Any
 
 import torch
-from gpu_common import best_ms, causal_flops, make_paged, reference, rel_l2, stub_compiled_fa, write_json
+from gpu_common import (
+    best_ms,
+    causal_flops,
+    make_paged,
+    reference,
+    rel_l2,
+    stub_compiled_fa,
+    write_json,
+)
 
 HD, HEADS = 512, (32, 4)
 MIXED = [(1, 1), (1, 77), (37, 300), (129, 129), (5, 18), (1, 1000)]

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 import triton
-from gpu_common import best_ms, causal_flops, kv_bytes, make_paged, rel_l2, stub_compiled_fa, write_json
+from gpu_common import (
+    best_ms,
+    causal_flops,
+    kv_bytes,
+    make_paged,
+    rel_l2,
+    stub_compiled_fa,
+    write_json,
+)
 
 HQ, HKV = 32, 4
 CASES = {"prefill 4x4096": [(4096, 4096)] * 4, "prefill 1x16384": [(16384, 16384)],

@@ -43,7 +43,15 @@ LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_series.lock"
 
 def child(side: str, checks: bool) -> dict[str, Any]:
     import torch
-    from gpu_common import best_ms, causal_flops, kv_bytes, make_paged, reference, rel_l2, stub_compiled_fa
+    from gpu_common import (
+        best_ms,
+        causal_flops,
+        kv_bytes,
+        make_paged,
+        reference,
+        rel_l2,
+        stub_compiled_fa,
+    )
 
     stub_compiled_fa()
     import vllm.vllm_flash_attn.flash_attn_interface as fi

@@ -80,7 +80,7 @@ def default_fa_series() -> list[tuple[str, str, set[str]]]:
     from vllm_forge.pins import data_dir
 
     out = []
-    for patch in read_series(data_dir() / "patches" / "flash-attention"):
+    for patch in read_series(data_dir() / "patches" / "flash-attention" / "bce2942"):
         text = patch.read_text()
         touched = {ln.split("flash_attn/cute/", 1)[1] for ln in text.splitlines() if ln.startswith("+++ b/")}
         out.append((patch.name, hashlib.sha256(patch.read_bytes()).hexdigest(), touched))

@@ -17,7 +17,7 @@ def test_render_and_lint(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "Dockerfile").read_text()
     assert "vllm-forge build --vllm 0.19.1 --out /dist" in text
-    assert "/dist/vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl" in text
+    assert "/dist/vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl" in text
     assert "--require-hashes" in text and "nvidia/cuda:${CUDA_IMAGE_TAG}-runtime" in text
     assert "@" not in "".join(ln for ln in text.splitlines() if not ln.startswith("#"))
     hadolint = shutil.which("hadolint")

@@ -14,7 +14,15 @@ import pytest
 from conftest import index, run_cli
 
 from vllm_forge.build import build
-from vllm_forge.fa4 import CUTE, WHEEL_CUTE, cmake_install_fa4, from_git, from_wheel, read_tree, tree_sha256
+from vllm_forge.fa4 import (
+    CUTE,
+    WHEEL_CUTE,
+    cmake_install_fa4,
+    from_git,
+    from_wheel,
+    read_tree,
+    tree_sha256,
+)
 from vllm_forge.pins import Pins
 from vllm_forge.verify import verify_wheel
 

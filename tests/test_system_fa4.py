@@ -52,7 +52,7 @@ def test_fa4_wheel_with_patches_has_its_own_version(tmp_path: Path, fa_upstream:
 @pytest.mark.parametrize("mode", ["system", "both"])
 def test_vllm_wheel_modes(tmp_path: Path, mode: str) -> None:
     result = build("0.19.1", tmp_path, fa4_mode=mode)
-    assert f"+fa4.bce2942.{mode}-" in result.wheel.name
+    assert f"+fa4.bce2942.p952cdd5.{mode}-" in result.wheel.name
     verify_wheel(result.wheel, deep=False)
     with zipfile.ZipFile(result.wheel) as zf:
         names = zf.namelist()

@@ -25,11 +25,11 @@ from vllm_forge.verify import verify_wheel
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("version", ["0.18.1", "0.19.0"])
+@pytest.mark.parametrize("version", ["0.17.0", "0.18.1", "0.19.0"])
 def test_build_and_verify(version: str, tmp_path: Path) -> None:
     real_wheel(version)
     result = build(version, tmp_path)
-    assert result.wheel.name.startswith(f"vllm-{version}+fa4.bce2942-")
+    assert result.wheel.name.startswith(f"vllm-{version}+fa4.bce2942.p952cdd5-")
     verify_wheel(result.wheel, deep=True)
 
 
@@ -46,8 +46,14 @@ def test_0_19_0_reuses_0_19_1_overlay_by_hash() -> None:
 
 
 def test_0_22_0_recognised_by_content(tmp_path: Path) -> None:
+    """A release that carries PR #38835, pinned by mistake as `backport`, is refused by its content."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir(), data, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "src", "dist"))
+    pins = json.loads((data / "pins.json").read_text())
+    pins["vllm"]["0.22.0"].update(plan="backport", overlay="fa4-sm90-hd512")
+    (data / "pins.json").write_text(json.dumps(pins))
     r = run_cli("build", "--vllm", "0.22.0", "--out", str(tmp_path / "out"),
-                "--base-wheel", str(real_wheel("0.22.0")))
+                "--base-wheel", str(real_wheel("0.22.0")), env={"VLLM_FORGE_DATA_DIR": str(data)})
     assert r.returncode == 2
     assert "already carries PR #38835" in r.stderr and "paged-KV refusal" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -22,11 +22,11 @@ OVERLAID = (
 
 
 def test_name_version_and_tags(forged: BuildResult, base_wheel: Path, pins: Pins) -> None:
-    assert forged.wheel.name == "vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl"
+    assert forged.wheel.name == "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
     with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
-        meta = out.read("vllm-0.19.1+fa4.bce2942.dist-info/METADATA").decode()
-        assert "\nVersion: 0.19.1+fa4.bce2942\n" in meta
-        assert out.read("vllm-0.19.1+fa4.bce2942.dist-info/WHEEL") == base.read("vllm-0.19.1.dist-info/WHEEL")
+        meta = out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/METADATA").decode()
+        assert "\nVersion: 0.19.1+fa4.bce2942.p952cdd5\n" in meta
+        assert out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/WHEEL") == base.read("vllm-0.19.1.dist-info/WHEEL")
         assert not [n for n in out.namelist() if n.startswith("vllm-0.19.1.dist-info/")]
         reqs = [ln for ln in meta.split("\n\n")[0].splitlines() if ln.startswith("Requires-Dist:")]
         assert "Requires-Dist: quack-kernels>=0.2.7,>=0.4.0" in reqs  # merged with 0.19.1's own
@@ -101,7 +101,7 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["tool"].startswith("vllm-forge ")
     assert isinstance(m["source_date_epoch"], int)
     with zipfile.ZipFile(forged.wheel) as out:
-        stamp = json.loads(out.read(f"vllm-0.19.1+fa4.bce2942.dist-info/{STAMP}"))
+        stamp = json.loads(out.read(f"vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/{STAMP}"))
     assert stamp["overlay"] == m["overlay"] and "mirror" not in json.dumps(stamp)
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from .assemble import forged_names
 from .errors import ForgeError
-from .pins import data_dir, load_pins, version_label
+from .fa4 import forged_label
+from .pins import data_dir, load_pins
 
 
 def render(version: str | None, out: Path) -> Path:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
-    wheel = forged_names(vpin.wheel, version_label(pins.fa.short, "bundled")).filename
+    wheel = forged_names(vpin.wheel, forged_label(pins, vpin)).filename
     cuda = pins.cuda_image_tag
     text = (data_dir() / "docker" / "Dockerfile.in").read_text()
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():

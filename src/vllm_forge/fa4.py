@@ -30,7 +30,7 @@ from .fetch import (
     safe_member_name,
 )
 from .patching import AppliedPatch, apply_series
-from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir
+from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir, version_label
 from .series import series_for
 
 UPSTREAM_PKG = "flash_attn.cute"
@@ -70,6 +70,13 @@ def fa_target(pins: Pins, vpin: VllmPin, local_wheel: Path | None = None) -> FaT
         return FaTarget(pins.fa.commit, pins.fa.cute_tree_sha256, pins.fa.git_repository, pins.fa.wheel_mirror)
     mirror = WheelMirror(vpin.version, vpin.wheel, vpin.wheel_sha256, WHEEL_CUTE + "/")
     return FaTarget(vpin.flash_attention_commit, vpin.cute_tree_sha256, pins.fa.git_repository, mirror, local_wheel)
+
+
+def forged_label(pins: Pins, vpin: VllmPin, fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> str:
+    """The version label `build` gives vpin with its pin's default series."""
+    target = fa_target(pins, vpin)
+    series = series_for(target.cute_tree_sha256)
+    return version_label(target.short, fa4_mode, gemma4_fa4, series.hash if series else "")
 
 
 def default_patch_dir(target: FaTarget) -> Path | None:

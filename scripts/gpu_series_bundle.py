@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Prepare what scripts/gpu_series.py needs on the GPU machine (no network), under .device/series/.
+
+  python scripts/gpu_series_bundle.py [--releases 0.20.0,0.22.0,...]
+
+For each release (default: the newest release of every FA cute tree that has a series, see
+patches/flash-attention/manifest.json), read through the tool's own verified mirror chain
+(the release wheel by HTTP range requests, tree-hash checked):
+  trees/<pin7>/before/vllm/vllm_flash_attn/   the release's __init__.py, flash_attn_interface.py and cute/
+  trees/<pin7>/after/vllm/vllm_flash_attn/    the same with the pin's series applied (what `build` ships)
+and that release's FA4 runtime packages, resolved by pip from its requirements/cuda.txt lines
+(pins.json `fa4_requires`) — cutlass-dsl, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext, einops:
+  runtime-<set>.tar.xz    one per distinct set (cutlass-dsl >= 4.5 is ~61 MiB: one device call each)
+  trees.tar.xz + plan.json + MANIFEST (sha256 of everything)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from functools import cache
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
+from vllm_forge.fetch import Index
+from vllm_forge.pins import load_pins
+from vllm_forge.series import read_manifest, series_for
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / ".device" / "series"
+CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c-dlpack-ext|einops)$", re.I)
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+
+
+def tar_xz(dest: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(dest, "w:xz", preset=9) as tf:
+        for name in sorted(members):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(members[name]), 0o644
+            tf.addfile(info, io.BytesIO(members[name]))
+
+
+def default_releases() -> list[str]:
+    pins = load_pins()
+    trees = set(read_manifest()["series"])
+    newest: dict[str, str] = {}
+    for v, vp in pins.vllm.items():  # pins.json lists releases oldest first
+        if vp.plan == "tune" and vp.cute_tree_sha256 in trees:
+            newest[vp.cute_tree_sha256] = v
+    return sorted(newest.values(), key=lambda v: tuple(map(int, v.split("."))))
+
+
+def resolve_runtime(lines: tuple[str, ...]) -> list[str]:
+    """name==version of FA4's runtime packages as pip resolves the release's lines today."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
+                        "--report", str(report), "--only-binary=:all:", "--python-version", "3.12",
+                        "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)],
+                        "--target", str(Path(tmp) / "t"), *lines], check=True)
+        items = json.loads(report.read_text())["install"]
+    return sorted(f"{canonicalize_name(i['metadata']['name'])}=={i['metadata']['version']}" for i in items
+                  if CARRY.match(canonicalize_name(i["metadata"]["name"])))
+
+
+def unpack_wheels(specs: list[str]) -> dict[str, bytes]:
+    """The wheels' members merged into one site directory (what pip --target would make)."""
+    members: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp",
+                        *[a for p in PLATFORMS for a in ("--platform", p)], "-d", tmp, *specs], check=True)
+        for whl in sorted(Path(tmp).glob("*.whl")):
+            with zipfile.ZipFile(whl) as zf:
+                members.update({n: zf.read(n) for n in zf.namelist() if not n.endswith("/")})
+    return members
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--releases", help="comma-separated (default: newest release of each tree with a series)")
+    ap.add_argument("--runtime-only", action="store_true")
+    args = ap.parse_args()
+    pins = load_pins()
+    index = cache(lambda: Index())
+    releases = args.releases.split(",") if args.releases else default_releases()
+    OUT.mkdir(parents=True, exist_ok=True)
+    plan: dict[str, dict[str, object]] = {}
+    trees: dict[str, bytes] = {}
+    runtimes: dict[str, list[str]] = {}
+    for v in releases:
+        vp = pins.for_version(v)
+        target = fa_target(pins, vp)
+        series = series_for(target.cute_tree_sha256)
+        assert series is not None, f"{v}: no series"
+        rt = resolve_runtime(vp.fa4_requires)
+        name = next(s.split("==")[1] for s in rt if s.lower().startswith("nvidia-cutlass-dsl=="))
+        runtimes.setdefault(f"cutlass-{name}", rt)
+        if runtimes[f"cutlass-{name}"] != rt:  # same cutlass-dsl, other quack/tvm-ffi: a set of its own
+            name = f"{name}-{v}"
+            runtimes[f"cutlass-{name}"] = rt
+        plan[target.short] = {"release": v, "tree_sha256": target.cute_tree_sha256, "series": series.hash,
+                              "series_dir": series.dir.name, "runtime": f"cutlass-{name}", "runtime_pkgs": rt}
+        print(f"{v}: pin {target.short}, series {series.dir.name} ({series.hash}), runtime {rt}", file=sys.stderr)
+        if args.runtime_only:
+            continue
+        remote = index().open_remote(pins.index_project, vp.wheel, vp.wheel_sha256)
+        with zipfile.ZipFile(remote) as zf:  # type: ignore[arg-type]
+            own = {n: zf.read(n) for n in ("vllm/vllm_flash_attn/__init__.py",
+                                          "vllm/vllm_flash_attn/flash_attn_interface.py")}
+        with tempfile.TemporaryDirectory() as tmp:
+            before = get_fa4_sources(target, Path(tmp) / "b", index, pins.index_project, patch_dir=Path(tmp) / "none")
+            after = get_fa4_sources(target, Path(tmp) / "a", index, pins.index_project, patch_dir=series.dir)
+        plan[target.short]["after_tree_sha256"] = after.tree_sha256
+        for side, src in (("before", before), ("after", after)):
+            for n, data in own.items():
+                trees[f"trees/{target.short}/{side}/{n}"] = data
+            for rel, data in src.files.items():
+                trees[f"trees/{target.short}/{side}/{WHEEL_CUTE}/{rel}"] = data
+    (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    if not args.runtime_only:
+        tar_xz(OUT / "trees.tar.xz", trees)
+    for name, specs in runtimes.items():
+        dest = OUT / f"runtime-{name}.tar.xz"
+        if not dest.exists():
+            print(f"packing {name}: {specs}", file=sys.stderr, flush=True)
+            tar_xz(dest, {f"runtime/{name}/{k}": d for k, d in unpack_wheels(specs).items()})
+    files = sorted(p for p in OUT.iterdir() if p.is_file() and p.name != "MANIFEST")
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.stat().st_size:>10}  {p.name}" for p in files]
+    (OUT / "MANIFEST").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    shutil.rmtree(OUT / "tmp", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
