@@ -139,7 +139,6 @@ def child(side: str, checks: bool) -> dict[str, Any]:
             res["table"].append({"head": hd, "block": block, "case": case, "ms": ms,
                                  "tflops": causal_flops(seqs, HQ, hd) / ms / 1e9,
                                  "tbs": kv_bytes(seqs, 4, hd) / ms / 1e9})
-            del p, out
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         fcntl.flock(lock, fcntl.LOCK_UN)
