@@ -44,7 +44,6 @@ LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_series.lock"
 def child(side: str, checks: bool) -> dict[str, Any]:
     import torch
     from gpu_common import (
-        best_ms,
         causal_flops,
         kv_bytes,
         make_paged,
@@ -70,18 +69,35 @@ def child(side: str, checks: bool) -> dict[str, Any]:
         res["checks"].append({"name": name, "ok": err <= 1e-2, "rel_l2": err, "s": round(time.perf_counter() - t0, 1)})
         print(f"{'PASS' if err <= 1e-2 else 'FAIL'} {side} {name} rel_l2={err:.2e}", file=sys.stderr, flush=True)
 
-    if checks:
-        for hd in (512, 256):
-            for block in (16, 32, 64):
-                for hkv in (4, 2):
-                    for causal in (True, False):
-                        t0 = time.perf_counter()
-                        p = make_paged(MIXED, (HQ, hkv), hd, block, seed=hd + block + hkv)
-                        out = torch.full_like(p.q, float("nan"))
-                        call(p, out, hd, causal)
-                        torch.cuda.synchronize()
-                        check(f"hd{hd} block{block} gqa{HQ // hkv}:1 {'causal' if causal else 'full'}", out,
-                              reference(p, hd ** -0.5, causal), t0)
+    matrix = [(hd, block, hkv, True) for hd in (512, 256) for block in (16, 32, 64) for hkv in (4, 2)]
+    matrix += [(512, 64, 4, False), (512, 16, 4, False)]  # non-causal where the series changes code
+    table = [(hd, block, case, seqs) for hd in (512, 256, 128) for block in (16, 64) for case, seqs in CASES.items()]
+    graph_seqs = [(1, n) for n in (4099, 17, 1000, 64, 2048, 333, 1, 777)]
+    # phase A, no lock: the first call of every variant (FA4 JIT-compiles there; all pins in parallel)
+    t_compile = time.perf_counter()
+    for hd, block, hkv, causal in matrix if checks else []:
+        p = make_paged(MIXED, (HQ, hkv), hd, block, seed=1)
+        call(p, torch.empty_like(p.q), hd, causal)
+    for hd, block, _case, seqs in table + ([(hd, b, "graph", graph_seqs) for hd in (512, 256) for b in (16, 64)]
+                                          if checks else []):
+        p = make_paged(seqs, (HQ, 4), hd, block, seed=0)
+        call(p, torch.empty_like(p.q), hd)
+    torch.cuda.synchronize()
+    res["compile_s"] = round(time.perf_counter() - t_compile, 1)
+    del p
+    torch.cuda.empty_cache()
+    # phase B, under the lock: checks and timings never overlap another process's GPU work
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for hd, block, hkv, causal in matrix if checks else []:
+            t0 = time.perf_counter()
+            p = make_paged(MIXED, (HQ, hkv), hd, block, seed=hd + block + hkv)
+            out = torch.full_like(p.q, float("nan"))
+            call(p, out, hd, causal)
+            torch.cuda.synchronize()
+            check(f"hd{hd} block{block} gqa{HQ // hkv}:1 {'causal' if causal else 'full'}", out,
+                  reference(p, hd ** -0.5, causal), t0)
+        for hd in (512, 256) if checks else ():
             for block in (16, 64):
                 # q as vLLM's attention layer hands it over: a strided view into the fused qkv projection
                 t0 = time.perf_counter()
@@ -96,10 +112,9 @@ def child(side: str, checks: bool) -> dict[str, Any]:
                 check(f"hd{hd} block{block} strided q (fused qkv view)", out, reference(p, hd ** -0.5), t0)
                 # a decode batch captured in a CUDA graph, replayed on new contents and lengths
                 t0 = time.perf_counter()
-                seqs = [(1, n) for n in (4099, 17, 1000, 64, 2048, 333, 1, 777)]
-                p = make_paged(seqs, (HQ, 4), hd, block, seed=11)
+                p = make_paged(graph_seqs, (HQ, 4), hd, block, seed=11)
                 out = torch.empty_like(p.q)
-                call(p, out, hd)  # compile outside the capture
+                call(p, out, hd)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -107,35 +122,17 @@ def child(side: str, checks: bool) -> dict[str, Any]:
                 for trial in range(3):
                     g = torch.Generator(device="cuda")
                     g.manual_seed(100 + trial)
-                    p.q.copy_(torch.randn(p.q.shape, generator=g, device="cuda", dtype=p.q.dtype))
-                    p.k_cache.copy_(torch.randn(p.k_cache.shape, generator=g, device="cuda", dtype=p.q.dtype))
-                    p.v_cache.copy_(torch.randn(p.v_cache.shape, generator=g, device="cuda", dtype=p.q.dtype))
-                    new_lens = [max(1, n - 13 * (trial + 1)) for n in p.kv_lens]
-                    p.seqused_k.copy_(torch.tensor(new_lens, dtype=torch.int32, device="cuda"))
-                    p.kv_lens = new_lens
+                    for t in (p.q, p.k_cache, p.v_cache):
+                        t.copy_(torch.randn(t.shape, generator=g, device="cuda", dtype=t.dtype))
+                    p.kv_lens = [max(1, n - 13 * (trial + 1)) for n in p.kv_lens]
+                    p.seqused_k.copy_(torch.tensor(p.kv_lens, dtype=torch.int32, device="cuda"))
                     out.fill_(float("nan"))
                     graph.replay()
                     torch.cuda.synchronize()
                     check(f"hd{hd} block{block} CUDA graph decode replay {trial}", out, reference(p, hd ** -0.5), t0)
                 del graph
-    # the table: compile every variant first (no lock), then time them under the lock
-    work = []
-    for hd in (512, 256, 128):
-        for block in (16, 64):
-            for case, seqs in CASES.items():
-                p = make_paged(seqs, (HQ, 4), hd, block, seed=0)
-                out = torch.empty_like(p.q)
-                call(p, out, hd)
-                del p, out
-                work.append((hd, block, case, seqs))
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for hd, block, case, seqs in work:
-            p = make_paged(seqs, (HQ, 4), hd, block, seed=0)
-            out = torch.empty_like(p.q)
-            ms = best_ms(lambda: call(p, out, hd), 5 if "prefill" in case else 20, reps=5)  # noqa: B023
+        for hd, block, case, seqs in table:
+            ms = time_case(call, make_paged(seqs, (HQ, 4), hd, block, seed=0), hd, 5 if "prefill" in case else 20)
             res["table"].append({"head": hd, "block": block, "case": case, "ms": ms,
                                  "tflops": causal_flops(seqs, HQ, hd) / ms / 1e9,
                                  "tbs": kv_bytes(seqs, 4, hd) / ms / 1e9})
@@ -143,6 +140,14 @@ def child(side: str, checks: bool) -> dict[str, Any]:
         torch.cuda.empty_cache()
         fcntl.flock(lock, fcntl.LOCK_UN)
     return res
+
+
+def time_case(call: Any, p: Any, hd: int, iters: int) -> float:
+    import torch
+    from gpu_common import best_ms
+
+    out = torch.empty_like(p.q)
+    return best_ms(lambda: call(p, out, hd), iters, reps=5)
 
 
 def runtime_path(rt: Path) -> list[str]:
@@ -158,7 +163,8 @@ def runtime_path(rt: Path) -> list[str]:
 def run_side(bundle: Path, pin: str, spec: dict[str, Any], side: str, log: Path) -> dict[str, Any]:
     tree = bundle / "trees" / pin / side
     rt = bundle / "runtime" / spec["runtime"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *runtime_path(rt), str(Path(__file__).parent)])}
+    path = [str(tree), *runtime_path(rt), str(Path(__file__).resolve().parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     t0 = time.monotonic()
     with open(log, "w") as err:
         r = subprocess.run([sys.executable, __file__, "--child", side, "1" if side == "after" else "0"], env=env,
@@ -170,44 +176,19 @@ def run_side(bundle: Path, pin: str, spec: dict[str, Any], side: str, log: Path)
     return res  # type: ignore[no-any-return]
 
 
-def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], sys.argv[3] == "1")))
-        return 0
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--pins", help="comma-separated pin7s (default: all in the bundle's plan.json)")
-    ap.add_argument("--jobs", type=int, default=6)
-    args = ap.parse_args()
-    plan = json.loads((args.bundle / "plan.json").read_text())
-    pins = args.pins.split(",") if args.pins else sorted(plan)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%d"), "pins": {}}
-    jobs = [(pin, side) for pin in pins for side in ("after", "before")]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futs = {job: pool.submit(run_side, args.bundle, job[0], plan[job[0]], job[1],
-                                 out / f"log_{job[0]}_{job[1]}.txt") for job in jobs}
-        for (pin, side), fut in futs.items():
-            res = fut.result()
-            results["pins"].setdefault(pin, {**plan[pin]})[side] = res
-            print(f"{pin} {side}: {'crashed' if 'crashed' in res else 'done'} "
-                  f"({res.get('wall_s', '-')} s)", flush=True)
-            (out / "gpu_series.json").write_text(json.dumps(results, indent=1))
-    failed = False
-    for pin in pins:
-        r = results["pins"][pin]
+def report(results: dict[str, Any]) -> bool:
+    """Print each pin's checks and before/after table; mark it passed or not. True if all passed."""
+    ok = True
+    for pin, r in sorted(results["pins"].items()):
         a, b = r.get("after", {}), r.get("before", {})
         bad = [c["name"] for c in a.get("checks", []) if not c["ok"]]
         n = len(a.get("checks", []))
         crashed = [s for s in ("after", "before") if "crashed" in r.get(s, {})]
         r["passed"] = not bad and not crashed and n > 0
-        failed |= not r["passed"]
-        print(f"\n== {pin} (vLLM {r['release']}, runtime {r['runtime']}): checks {n - len(bad)}/{n} passed"
-              + (f"; FAILED {bad[:6]}" if bad else "") + (f"; CRASHED {crashed}" if crashed else ""))
+        ok &= r["passed"]
+        print(f"\n== {pin} (vLLM {r['release']}, runtime {' '.join(r['runtime_pkgs'])}): checks {n - len(bad)}/{n} "
+              f"passed, compile {a.get('compile_s')} / {b.get('compile_s')} s" + (f"; FAILED {bad}" if bad else "")
+              + "".join(f"; {s} CRASHED: {r[s]['log_tail'][-600:]}" for s in crashed))
         before = {(x["head"], x["block"], x["case"]): x for x in b.get("table", [])}
         print(f"{'case':16} {'head':>4} {'blk':>3} | {'before':>8} | {'after':>8} | after/before time")
         for x in a.get("table", []):
@@ -216,8 +197,50 @@ def main() -> int:
             if y:
                 print(f"{x['case']:16} {x['head']:>4} {x['block']:>3} | {y[unit]:8.1f} | {x[unit]:8.1f} | "
                       f"{x['ms'] / y['ms']:.3f}")
-    (out / "gpu_series.json").write_text(json.dumps(results, indent=1))
-    return 1 if failed else 0
+    return ok
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3] == "1")))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--pins", help="comma-separated pin7s (default: all in the bundle's plan.json)")
+    ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--tag", default="", help="suffix of the result file (one run per runtime set as it arrives)")
+    ap.add_argument("--report", nargs="*", type=Path, help="only merge and print these result files")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:
+        merged: dict[str, Any] = {"pins": {}}
+        for f in args.report:
+            r = json.loads(f.read_text())
+            merged.update({k: v for k, v in r.items() if k != "pins"})
+            merged["pins"].update(r["pins"])
+        ok = report(merged)
+        (out / "gpu_series.json").write_text(json.dumps(merged, indent=1))
+        return 0 if ok else 1
+    plan = json.loads((args.bundle / "plan.json").read_text())
+    pins = args.pins.split(",") if args.pins else sorted(plan)
+    import torch
+
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "date": time.strftime("%Y-%m-%d"), "pins": {}}
+    name = f"gpu_series{'_' + args.tag if args.tag else ''}.json"
+    jobs = [(pin, side) for pin in pins for side in ("after", "before")]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futs = {job: pool.submit(run_side, args.bundle, job[0], plan[job[0]], job[1],
+                                 out / f"log_{job[0]}_{job[1]}.txt") for job in jobs}
+        for (pin, side), fut in futs.items():
+            res = fut.result()
+            results["pins"].setdefault(pin, {**plan[pin]})[side] = res
+            print(f"{pin} {side}: {'crashed' if 'crashed' in res else 'done'} ({res.get('wall_s', '-')} s)", flush=True)
+            (out / name).write_text(json.dumps(results, indent=1))
+    ok = report(results)
+    (out / name).write_text(json.dumps(results, indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

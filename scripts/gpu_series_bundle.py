@@ -61,6 +61,7 @@ def default_releases() -> list[str]:
     return sorted(newest.values(), key=lambda v: tuple(map(int, v.split("."))))
 
 
+@cache
 def resolve_runtime(lines: tuple[str, ...]) -> list[str]:
     """name==version of FA4's runtime packages as pip resolves the release's lines today."""
     with tempfile.TemporaryDirectory() as tmp:
