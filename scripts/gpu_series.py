@@ -176,6 +176,22 @@ def run_side(bundle: Path, pin: str, spec: dict[str, Any], side: str, log: Path)
     return res  # type: ignore[no-any-return]
 
 
+def gates(after: list[dict[str, Any]], before: dict[tuple[Any, ...], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The releases issue's bar: >= 480 TFLOP/s at 4x4096 causal head 512 block 64; no row of heads
+    256/128 and no decode row more than 2% slower than the pin itself."""
+    out = []
+    main = [x for x in after if (x["head"], x["block"], x["case"]) == (512, 64, "prefill 4x4096")]
+    out.append({"goal": "head 512 block 64 prefill 4x4096 >= 480 TFLOP/s",
+                "ok": bool(main) and main[0]["tflops"] >= 480,
+                "got": f"{main[0]['tflops']:.1f}" if main else "-"})
+    worst = [(x["ms"] / before[k]["ms"], k) for x in after
+             if (k := (x["head"], x["block"], x["case"])) in before and (x["head"] != 512 or "decode" in x["case"])]
+    w = max(worst, default=(0.0, None))
+    out.append({"goal": "heads 256/128 and decode: after/before time <= 1.02", "ok": bool(worst) and w[0] <= 1.02,
+                "got": f"worst {w[0]:.3f} at {w[1]}"})
+    return out
+
+
 def report(results: dict[str, Any]) -> bool:
     """Print each pin's checks and before/after table; mark it passed or not. True if all passed."""
     ok = True
@@ -184,12 +200,16 @@ def report(results: dict[str, Any]) -> bool:
         bad = [c["name"] for c in a.get("checks", []) if not c["ok"]]
         n = len(a.get("checks", []))
         crashed = [s for s in ("after", "before") if "crashed" in r.get(s, {})]
-        r["passed"] = not bad and not crashed and n > 0
+        before = {(x["head"], x["block"], x["case"]): x for x in b.get("table", [])}
+        goals = gates(a.get("table", []), before)
+        r["goals"] = goals
+        r["passed"] = not bad and not crashed and n > 0 and all(g["ok"] for g in goals)
         ok &= r["passed"]
         print(f"\n== {pin} (vLLM {r['release']}, runtime {' '.join(r['runtime_pkgs'])}): checks {n - len(bad)}/{n} "
               f"passed, compile {a.get('compile_s')} / {b.get('compile_s')} s" + (f"; FAILED {bad}" if bad else "")
               + "".join(f"; {s} CRASHED: {r[s]['log_tail'][-600:]}" for s in crashed))
-        before = {(x["head"], x["block"], x["case"]): x for x in b.get("table", [])}
+        for g in goals:
+            print(f"  {'ok  ' if g['ok'] else 'MISS'} {g['goal']}: {g['got']}")
         print(f"{'case':16} {'head':>4} {'blk':>3} | {'before':>8} | {'after':>8} | after/before time")
         for x in a.get("table", []):
             y = before.get((x["head"], x["block"], x["case"]))
@@ -198,6 +218,34 @@ def report(results: dict[str, Any]) -> bool:
                 print(f"{x['case']:16} {x['head']:>4} {x['block']:>3} | {y[unit]:8.1f} | {x[unit]:8.1f} | "
                       f"{x['ms'] / y['ms']:.3f}")
     return ok
+
+
+def record(results: dict[str, Any]) -> None:
+    """The validation record of each measured series, as `build` reads it (vllm_forge.series)."""
+    from vllm_forge.series import read_manifest, series_for, write_manifest
+
+    manifest = read_manifest()
+    for pin, r in sorted(results["pins"].items()):
+        series = series_for(r["tree_sha256"])
+        if series is None or series.hash != r["series"]:
+            print(f"{pin}: series changed since the run ({r['series']}): not recorded", file=sys.stderr)
+            continue
+        checks = r.get("after", {}).get("checks", [])
+        before = {(x["head"], x["block"], x["case"]): x for x in r.get("before", {}).get("table", [])}
+        rows = {f"hd{x['head']} block{x['block']} {x['case']}":
+                f"{before[k]['tflops' if 'prefill' in x['case'] else 'tbs']:.1f} -> "
+                f"{x['tflops' if 'prefill' in x['case'] else 'tbs']:.1f} {'TFLOP/s' if 'prefill' in x['case'] else 'TB/s'}"
+                for x in r.get("after", {}).get("table", []) if (k := (x["head"], x["block"], x["case"])) in before}
+        manifest["series"][r["tree_sha256"]]["validation"] = {
+            "by": "scripts/gpu_series.py (vLLM's flash_attn_varlen_func, fa_version=4)",
+            "date": results.get("date"), "device": results.get("device"), "torch": results.get("torch"),
+            "release": r["release"], "runtime": r["runtime_pkgs"], "series": r["series"], "passed": r["passed"],
+            "checks": f"{sum(c['ok'] for c in checks)}/{len(checks)} passed",
+            "goals": [f"{'ok' if g['ok'] else 'MISSED'}: {g['goal']} ({g['got']})" for g in r.get("goals", [])],
+            "summary": "; ".join(f"{'ok' if g['ok'] else 'MISSED'} {g['goal']} ({g['got']})" for g in r.get("goals", []))
+            + ("" if checks else "; no checks ran"), "table": rows}
+        print(f"{pin}: recorded ({'passed' if r['passed'] else 'failed'})", file=sys.stderr)
+    write_manifest(manifest)
 
 
 def main() -> int:
@@ -210,6 +258,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--tag", default="", help="suffix of the result file (one run per runtime set as it arrives)")
     ap.add_argument("--report", nargs="*", type=Path, help="only merge and print these result files")
+    ap.add_argument("--record", action="store_true",
+                    help="with --report (here, not on the GPU machine): write each pin's validation record "
+                         "into patches/flash-attention/manifest.json")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +272,8 @@ def main() -> int:
             merged["pins"].update(r["pins"])
         ok = report(merged)
         (out / "gpu_series.json").write_text(json.dumps(merged, indent=1))
+        if args.record:
+            record(merged)
         return 0 if ok else 1
     plan = json.loads((args.bundle / "plan.json").read_text())
     pins = args.pins.split(",") if args.pins else sorted(plan)

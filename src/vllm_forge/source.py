@@ -68,6 +68,9 @@ def build_source(version: str | None, out_dir: Path, index_url: str | None = Non
                  fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> Path:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
+    if vpin.plan != "backport":
+        raise ForgeError(f"--mode source prepares backport releases (0.17.0-0.19.1); vLLM {vpin.version} is "
+                         f"{vpin.plan}d on its own FA pin", "use overlay mode (the default) for it")
     stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4))
     sdist = cached_download(cache(lambda: Index(index_url)), pins.index_project, vpin.sdist, vpin.sdist_sha256)
     target = out_dir / f"vllm-{vpin.version}-forge-src"
