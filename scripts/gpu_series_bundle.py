@@ -39,7 +39,8 @@ from vllm_forge.series import read_manifest, series_for
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".device" / "series"
-CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c-dlpack-ext|einops)$", re.I)
+CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c-dlpack-ext|einops|"
+                   r"cuda-(python|bindings|core|pathfinder)|nvidia-cuda-nvdisasm)$", re.I)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
@@ -63,16 +64,18 @@ def default_releases() -> list[str]:
 
 @cache
 def resolve_runtime(lines: tuple[str, ...]) -> list[str]:
-    """name==version of FA4's runtime packages as pip resolves the release's lines today."""
+    """name==version of FA4's runtime packages as pip resolves the release's lines today, against
+    this environment's torch (the GPU machine brings its own torch: resolving torch's CUDA
+    dependencies would take minutes and decide nothing here)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-                        "--report", str(report), "--only-binary=:all:", "--python-version", "3.12",
-                        "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)],
-                        "--target", str(Path(tmp) / "t"), *lines], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--report", str(report),
+                        "--only-binary=:all:", *lines], check=True)
         items = json.loads(report.read_text())["install"]
-    return sorted(f"{canonicalize_name(i['metadata']['name'])}=={i['metadata']['version']}" for i in items
-                  if CARRY.match(canonicalize_name(i["metadata"]["name"])))
+    names = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
+    if "nvidia-cutlass-dsl-libs-cu13" in names:  # the [cu13] extra: the CUDA 12 libraries are never loaded
+        names.pop("nvidia-cutlass-dsl-libs-cu12", None)
+    return sorted(f"{n}=={v}" for n, v in names.items() if CARRY.match(n))
 
 
 def unpack_wheels(specs: list[str]) -> dict[str, bytes]:
@@ -129,8 +132,8 @@ def main() -> int:
                 trees[f"trees/{target.short}/{side}/{n}"] = data
             for rel, data in src.files.items():
                 trees[f"trees/{target.short}/{side}/{WHEEL_CUTE}/{rel}"] = data
-    (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
     if not args.runtime_only:
+        (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
         tar_xz(OUT / "trees.tar.xz", trees)
     for name, specs in runtimes.items():
         dest = OUT / f"runtime-{name}.tar.xz"
