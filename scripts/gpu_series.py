@@ -82,10 +82,11 @@ def child(side: str, checks: bool) -> dict[str, Any]:
                                           if checks else []):
         p = make_paged(seqs, (HQ, 4), hd, block, seed=0)
         call(p, torch.empty_like(p.q), hd)
+        torch.cuda.synchronize()
+        del p
+        torch.cuda.empty_cache()  # many processes compile side by side: keep each one's memory small
     torch.cuda.synchronize()
     res["compile_s"] = round(time.perf_counter() - t_compile, 1)
-    del p
-    torch.cuda.empty_cache()
     # phase B, under the lock: checks and timings never overlap another process's GPU work
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -10,8 +10,10 @@ patches/flash-attention/manifest.json), read through the tool's own verified mir
   trees/<pin7>/after/vllm/vllm_flash_attn/    the same with the pin's series applied (what `build` ships)
 and that release's FA4 runtime packages, resolved by pip from its requirements/cuda.txt lines
 (pins.json `fa4_requires`) — cutlass-dsl, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext, einops:
-  runtime-<set>.tar.xz    one per distinct set (cutlass-dsl >= 4.5 is ~61 MiB: one device call each)
-  trees.tar.xz + plan.json + MANIFEST (sha256 of everything)
+  wheels/                 their wheels, as downloaded (plan.json: each set's wheels in install order)
+  batchNN/                the carry of one device call each (<= 58 MiB): pieces `<file>.<offset>`, larger
+                          wheels split; compressing them again costs more time than the extra calls
+  trees.tar.xz + plan.json + SHA256SUMS (of every whole file: the GPU machine checks them)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".device" / "series"
 CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c-dlpack-ext|einops|"
                    r"cuda-(python|bindings|core|pathfinder)|nvidia-cuda-nvdisasm)$", re.I)
+CARRY_LIMIT = 58 << 20  # a device call carries 64 MiB with the working tree
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
@@ -78,17 +81,37 @@ def resolve_runtime(lines: tuple[str, ...]) -> list[str]:
     return sorted(f"{n}=={v}" for n, v in names.items() if CARRY.match(n))
 
 
-def unpack_wheels(specs: list[str]) -> dict[str, bytes]:
-    """The wheels' members merged into one site directory (what pip --target would make)."""
-    members: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.12", "--implementation", "cp",
-                        *[a for p in PLATFORMS for a in ("--platform", p)], "-d", tmp, *specs], check=True)
-        for whl in sorted(Path(tmp).glob("*.whl")):
-            with zipfile.ZipFile(whl) as zf:
-                members.update({n: zf.read(n) for n in zf.namelist() if not n.endswith("/")})
-    return members
+def download(specs: list[str], dest: Path) -> list[str]:
+    """The wheels of specs, in the order pip would install them (libs-base before the [cu13] libraries,
+    whose identical paths must win)."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp",
+                    *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *specs], check=True)
+    names = []
+    for spec in specs:
+        name, version = spec.split("==")
+        found = [w.name for w in dest.glob("*.whl") if canonicalize_name(w.name.split("-")[0]) == name
+                 and w.name.split("-")[1] == version]
+        assert len(found) == 1, (spec, found)
+        names.append(found[0])
+    return sorted(names, key=lambda n: ("libs_cu1" in n, n))
+
+
+def batches(files: list[Path], limit: int) -> list[list[tuple[Path, int, int]]]:
+    """(file, offset, length) pieces in carry batches of at most `limit` bytes, in order: a file
+    larger than a batch is split (the GPU machine concatenates the pieces)."""
+    out: list[list[tuple[Path, int, int]]] = [[]]
+    room = limit
+    for f in files:
+        size, off = f.stat().st_size, 0
+        while off < size:
+            if room == 0:
+                out.append([])
+                room = limit
+            n = min(size - off, room)
+            out[-1].append((f, off, n))
+            off, room = off + n, room - n
+    return out
 
 
 def main() -> int:
@@ -132,19 +155,32 @@ def main() -> int:
                 trees[f"trees/{target.short}/{side}/{n}"] = data
             for rel, data in src.files.items():
                 trees[f"trees/{target.short}/{side}/{WHEEL_CUTE}/{rel}"] = data
-    if not args.runtime_only:
-        (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
-        tar_xz(OUT / "trees.tar.xz", trees)
-    for name, specs in runtimes.items():
-        dest = OUT / f"runtime-{name}.tar.xz"
-        if not dest.exists():
-            print(f"packing {name}: {specs}", file=sys.stderr, flush=True)
-            tar_xz(dest, {f"runtime/{name}/{k}": d for k, d in unpack_wheels(specs).items()})
-    files = sorted(p for p in OUT.iterdir() if p.is_file() and p.name != "MANIFEST")
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.stat().st_size:>10}  {p.name}" for p in files]
-    (OUT / "MANIFEST").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    shutil.rmtree(OUT / "tmp", ignore_errors=True)
+    wheels = OUT / "wheels"
+    wheels.mkdir(exist_ok=True)
+    sets = {name: download(specs, wheels) for name, specs in runtimes.items()}
+    for spec in plan.values():
+        spec["runtime_wheels"] = sets[str(spec["runtime"])]
+    if args.runtime_only:
+        return 0
+    (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    tar_xz(OUT / "trees.tar.xz", trees)
+    # carry batches: plan + trees + the small wheels first, then each set's large wheels
+    order = [OUT / "plan.json", OUT / "trees.tar.xz"]
+    every = [w for name in sets for w in sets[name]]
+    by_size = sorted(dict.fromkeys(every), key=lambda w: (wheels / w).stat().st_size > 16 << 20)
+    order += [wheels / w for w in by_size]
+    for i, batch in enumerate(batches(order, CARRY_LIMIT)):
+        d = OUT / f"batch{i:02d}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        for f, off, n in batch:
+            with open(f, "rb") as src:
+                src.seek(off)
+                (d / f"{f.name}.{off:012d}").write_bytes(src.read(n))
+        print(f"{d.name}: {sum(n for _, _, n in batch) / 2**20:.1f} MiB, {len(batch)} pieces", file=sys.stderr)
+    lines = [f"{hashlib.sha256((wheels / w).read_bytes()).hexdigest()}  {w}" for w in sorted(set(every))]
+    lines += [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in order[:2]]
+    (OUT / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""On the GPU machine: receive the carry batches of scripts/gpu_series_bundle.py and run gpu_series.py
+on each runtime set as soon as its wheels are complete (docs/releases.md).
+
+  python3 scripts/gpu_series_device.py carry .device/series/batchNN [--settle 20]
+  python3 scripts/gpu_series_device.py wait SECONDS        (then the merged report, and logs into $OUT)
+
+Pieces (`<file>.<offset>`) collect under /tmp/gs/in (kept while the machine stays warm); a file is
+used once its pieces concatenate to the sha256 of SHA256SUMS (batch00). Each set's wheels are
+unpacked, in plan order, into /tmp/gs/runtime/<set>; its pins start in the background (setsid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+G = Path("/tmp/gs")
+HERE = Path(__file__).resolve().parent
+
+
+def assemble() -> dict[str, Path]:
+    sums = dict(reversed(ln.split("  ", 1)) for ln in (G / "in" / "SHA256SUMS").read_text().splitlines() if ln)
+    done = {}
+    for name, digest in sums.items():
+        whole = G / "files" / name
+        if whole.is_file():
+            done[name] = whole
+            continue
+        pieces = sorted(G.joinpath("in").glob(f"{name}.[0-9]*"), key=lambda p: int(p.suffix[1:]))
+        if not pieces:
+            continue
+        h, data = hashlib.sha256(), bytearray()
+        for p in pieces:
+            data += p.read_bytes()
+        h.update(data)
+        if h.hexdigest() == digest:
+            whole.parent.mkdir(parents=True, exist_ok=True)
+            whole.write_bytes(data)
+            for p in pieces:
+                p.unlink()
+            done[name] = whole
+    return done
+
+
+def carry(batch: Path, settle: int) -> None:
+    if (batch / "SHA256SUMS").is_file():  # batch00: a fresh start
+        shutil.rmtree(G, ignore_errors=True)
+    if not (G / "in").is_dir() and not (batch / "SHA256SUMS").is_file():
+        sys.exit("the machine went cold: start over with batch00")
+    (G / "in").mkdir(parents=True, exist_ok=True)
+    for f in batch.iterdir():
+        shutil.copy(f, G / "in" / f.name)
+    files = assemble()
+    print(f"complete: {len(files)} files", flush=True)
+    if "plan.json" not in files or "trees.tar.xz" not in files:
+        return
+    if not (G / "trees").is_dir():
+        with tarfile.open(files["trees.tar.xz"]) as tf:
+            tf.extractall(G, filter="data")
+        (G / "out").mkdir(exist_ok=True)
+        shutil.copy(files["plan.json"], G / "plan.json")
+        (G / "scripts").mkdir(exist_ok=True)
+        for s in ("gpu_series.py", "gpu_common.py"):
+            shutil.copy(HERE / s, G / "scripts" / s)
+    plan = json.loads((G / "plan.json").read_text())
+    sets: dict[str, list[str]] = {}
+    for pin, spec in plan.items():
+        sets.setdefault(spec["runtime"], []).append(pin)
+    for name, pins in sets.items():
+        wheels = plan[pins[0]]["runtime_wheels"]
+        rt = G / "runtime" / name
+        if rt.is_dir() or not all(w in files for w in wheels):
+            continue
+        for w in wheels:  # in install order: the [cu13] libraries overwrite libs-base's same paths
+            with zipfile.ZipFile(files[w]) as zf:
+                zf.extractall(rt)
+        env = {**os.environ, "OUT": str(G / "out")}
+        with open(G / "out" / f"run_{name}.log", "w") as log:
+            subprocess.Popen([sys.executable, str(G / "scripts" / "gpu_series.py"), "--bundle", str(G), "--pins",
+                              ",".join(pins), "--tag", name, "--jobs", str(2 * len(pins))], cwd=G, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        print(f"started {name}: {pins}", flush=True)
+    time.sleep(settle)
+    for log in sorted((G / "out").glob("run_*.log")):
+        print(f"--- {log.name}: {log.read_text()[-400:]}")
+
+
+def wait(seconds: int) -> int:
+    end = time.monotonic() + seconds
+    def running() -> bool:
+        return subprocess.run(["pgrep", "-f", "gpu_series.py --bundle"], capture_output=True).returncode == 0
+    while time.monotonic() < end and running():
+        time.sleep(10)
+    if running():
+        print("STILL RUNNING", flush=True)
+    out = Path(os.environ.get("OUT", "out"))
+    results = sorted((G / "out").glob("gpu_series_*.json"))
+    r = subprocess.run([sys.executable, str(G / "scripts" / "gpu_series.py"), "--report", *map(str, results)],
+                       env={**os.environ, "OUT": str(out)})
+    with tarfile.open(out / "logs.tgz", "w:gz") as tf:
+        for f in sorted((G / "out").glob("*.txt")) + sorted((G / "out").glob("*.log")):
+            tf.add(f, arcname=f.name)
+    return r.returncode
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "carry":
+        carry(Path(sys.argv[2]), int(sys.argv[4]) if len(sys.argv) > 4 else 20)
+    else:
+        sys.exit(wait(int(sys.argv[2])))
