@@ -2,12 +2,14 @@
 """On the GPU machine: receive the carry batches of scripts/gpu_series_bundle.py and run gpu_series.py
 on each runtime set as soon as its wheels are complete (docs/releases.md).
 
-  python3 scripts/gpu_series_device.py carry .device/series/batchNN [--settle 20]
+  python3 scripts/gpu_series_device.py carry .device/series/batchNN [SETTLE_SECONDS]
   python3 scripts/gpu_series_device.py wait SECONDS        (then the merged report, and logs into $OUT)
+GPU_SERIES_ARGS is passed on to gpu_series.py (e.g. --ab for the timing-only A/B run).
 
 Pieces (`<file>.<offset>`) collect under /tmp/gs/in (kept while the machine stays warm); a file is
-used once its pieces concatenate to the sha256 of SHA256SUMS (batch00). Each set's wheels are
-unpacked, in plan order, into /tmp/gs/runtime/<set>; its pins start in the background (setsid).
+used once its pieces concatenate to the sha256 of SHA256SUMS (batch00). When every file is there,
+each set's wheels are unpacked, in plan order, into /tmp/gs/runtime/<set>, and one gpu_series.py run
+for all pins starts in the background (setsid).
 """
 
 from __future__ import annotations
@@ -72,23 +74,20 @@ def carry(batch: Path, settle: int) -> None:
         for s in ("gpu_series.py", "gpu_common.py"):
             shutil.copy(HERE / s, G / "scripts" / s)
     plan = json.loads((G / "plan.json").read_text())
-    sets: dict[str, list[str]] = {}
-    for pin, spec in plan.items():
-        sets.setdefault(spec["runtime"], []).append(pin)
-    for name, pins in sets.items():
-        wheels = plan[pins[0]]["runtime_wheels"]
-        rt = G / "runtime" / name
-        if rt.is_dir() or not all(w in files for w in wheels):
-            continue
-        for w in wheels:  # in install order: the [cu13] libraries overwrite libs-base's same paths
+    wheels = {spec["runtime"]: spec["runtime_wheels"] for spec in plan.values()}
+    if not all(w in files for ws in wheels.values() for w in ws) or (G / "out" / "run.log").exists():
+        return
+    for name, ws in wheels.items():
+        for w in ws:  # in install order: the [cu13] libraries overwrite libs-base's same paths
             with zipfile.ZipFile(files[w]) as zf:
-                zf.extractall(rt)
-        env = {**os.environ, "OUT": str(G / "out")}
-        with open(G / "out" / f"run_{name}.log", "w") as log:
-            subprocess.Popen([sys.executable, str(G / "scripts" / "gpu_series.py"), "--bundle", str(G), "--pins",
-                              ",".join(pins), "--tag", name, "--jobs", str(2 * len(pins))], cwd=G, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        print(f"started {name}: {pins}", flush=True)
+                zf.extractall(G / "runtime" / name)
+    # one run for every pin: all compile side by side, then each is checked and timed alone
+    env = {**os.environ, "OUT": str(G / "out")}
+    with open(G / "out" / "run.log", "w") as log:
+        subprocess.Popen([sys.executable, str(G / "scripts" / "gpu_series.py"), "--bundle", str(G),
+                          "--jobs", str(2 * len(plan)), *os.environ.get("GPU_SERIES_ARGS", "").split()], cwd=G, env=env,
+                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"started: {sorted(plan)}", flush=True)
     time.sleep(settle)
     for log in sorted((G / "out").glob("run_*.log")):
         print(f"--- {log.name}: {log.read_text()[-400:]}")
@@ -103,7 +102,7 @@ def wait(seconds: int) -> int:
     if running():
         print("STILL RUNNING", flush=True)
     out = Path(os.environ.get("OUT", "out"))
-    results = sorted((G / "out").glob("gpu_series_*.json"))
+    results = sorted((G / "out").glob("gpu_series*.json"))
     r = subprocess.run([sys.executable, str(G / "scripts" / "gpu_series.py"), "--report", *map(str, results)],
                        env={**os.environ, "OUT": str(out)})
     with tarfile.open(out / "logs.tgz", "w:gz") as tf:
