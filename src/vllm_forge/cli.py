@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from . import __version__
 from .errors import ForgeError
+from .output import os_error_line
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temp files) runs."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--force", action="store_true", help="merge even into a release that already carries the fix")
 
     args = ap.parse_args(argv)
+    # SIGTERM (a job scheduler, `timeout`, docker stop) unwinds like an interrupt: temp files go
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.cmd == "build":
             if args.mode == "source":
@@ -108,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     except ForgeError as e:
         print(f"vllm-forge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # EACCES, ENOSPC, EROFS, EFBIG... anywhere in a command: one line, not a traceback
+        print(f"vllm-forge: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("vllm-forge: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("vllm-forge: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -108,12 +109,39 @@ class Pins:
             ) from None
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a plain file name: no directories, no '..'
+
+
+def _check(pins: Pins) -> None:
+    """Values pins.json feeds into paths, URLs and comparisons have the shapes they must have."""
+    for v, vp in pins.vllm.items():
+        for what, value, shape in (("wheel", vp.wheel, _FILE), ("sdist", vp.sdist, _FILE),
+                                   ("wheel_sha256", vp.wheel_sha256, _SHA256),
+                                   ("sdist_sha256", vp.sdist_sha256, _SHA256)):
+            if not isinstance(value, str) or not shape.match(value):
+                raise ValueError(f"vllm {v!r}: {what} {value!r} is not a {'file name' if shape is _FILE else 'sha256'}")
+        if not isinstance(vp.overlay, str) or not vp.overlay:
+            raise ValueError(f"vllm {v!r}: overlay {vp.overlay!r} is not an overlay id")
+    wm = pins.fa.wheel_mirror
+    checks = (("flash_attention.commit", pins.fa.commit, _COMMIT),
+              ("flash_attention.cute_tree_sha256", pins.fa.cute_tree_sha256, _SHA256),
+              ("wheel_mirror.wheel", wm.wheel, _FILE), ("wheel_mirror.wheel_sha256", wm.wheel_sha256, _SHA256),
+              ("index_project", pins.index_project, _FILE))
+    for what, value, shape in checks:
+        if not isinstance(value, str) or not shape.match(value):
+            raise ValueError(f"{what} {value!r} does not have the shape it must have")
+    if pins.default_vllm not in pins.vllm:
+        raise ValueError(f"default_vllm {pins.default_vllm!r} is not pinned")
+
+
 def load_pins(path: Path | None = None) -> Pins:
     path = path or data_dir() / "pins.json"
     try:
         raw = json.loads(path.read_text())
         fa = raw["flash_attention"]
-        return Pins(
+        pins = Pins(
             path=path,
             default_vllm=raw["default_vllm"],
             index_project=raw["index_project"],
@@ -131,5 +159,8 @@ def load_pins(path: Path | None = None) -> Pins:
             ),
             cuda_image_tag=raw["docker"]["cuda_image_tag"],
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e
+        _check(pins)
+        return pins
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ForgeError(f"cannot read pins file {path}: {type(e).__name__}: {e}",
+                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at") from None
