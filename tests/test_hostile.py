@@ -311,3 +311,218 @@ def test_index_serves_garbage(tmp_path: Path) -> None:
                                 env={"VLLM_FORGE_CACHE": str(tmp_path / "cache")}))
     assert f"the package index at {url}vllm/ gave no usable PEP 691 JSON page" in err
     assert listing(tmp_path / "out") == []
+
+
+# --- malformed data files (VLLM_FORGE_DATA_DIR points at a damaged copy) ---------------------------
+
+def _pins_edit(data: Path, edit: str) -> None:
+    pins = json.loads((data / "pins.json").read_text())
+    if edit == "escaping wheel name":
+        pins["vllm"]["0.19.1"]["wheel"] = "../../../../tmp/evil.whl"
+    elif edit == "short sha256":
+        pins["vllm"]["0.19.1"]["wheel_sha256"] = "abc"
+    elif edit == "missing key":
+        del pins["flash_attention"]["commit"]
+    elif edit == "wrong type":
+        pins["vllm"] = ["0.19.1"]
+    (data / "pins.json").write_text(json.dumps(pins))
+
+
+@pytest.mark.parametrize("edit", ["not json", "escaping wheel name", "short sha256", "missing key", "wrong type"])
+def test_malformed_pins(tmp_path: Path, edit: str) -> None:
+    data = data_copy(tmp_path)
+    if edit == "not json":
+        (data / "pins.json").write_text('{"default_vllm": "0.19.1",')
+    else:
+        _pins_edit(data, edit)
+    for cmd in (["build", "--out", str(tmp_path / "out")], ["docker", "--out", str(tmp_path / "out")],
+                ["refresh", "--from", "0.19.1", "--to", "0.18.1"]):
+        err = one_error(run_cli(*cmd, env={"VLLM_FORGE_DATA_DIR": str(data)}))
+        assert f"cannot read pins file {data / 'pins.json'}" in err and "VLLM_FORGE_DATA_DIR" in err
+        assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("edit", ["not json", "patch outside", "wheel path outside", "missing patch"])
+def test_malformed_overlay_manifest(tmp_path: Path, edit: str) -> None:
+    data = data_copy(tmp_path)
+    path = data / "vllm_overlay" / "manifest.json"
+    if edit == "not json":
+        path.write_text("{")
+    else:
+        m = json.loads(path.read_text())
+        files = m["overlays"]["fa4-sm90-hd512"]["files"]
+        key = next(iter(files))
+        if edit == "patch outside":
+            files[key] = "../../../etc/passwd"
+        elif edit == "wheel path outside":
+            files["../../../tmp/evil.py"] = files.pop(key)
+        else:
+            files[key] = "fa4-sm90-hd512/gone.patch"
+        path.write_text(json.dumps(m))
+    err = one_error(run_cli("build", "--out", str(tmp_path / "out"), env={"VLLM_FORGE_DATA_DIR": str(data)}))
+    expect = {"not json": "cannot read the overlay manifest", "patch outside": "leaves its tree",
+              "wheel path outside": "leaves its tree", "missing patch": "which is not a file in"}[edit]
+    assert expect in err
+    assert listing(tmp_path / "out") == []
+
+
+PATCH = """--- a/{a}
++++ b/{b}
+@@ -1,1 +1,1 @@
+-x
++y
+"""
+
+
+@pytest.mark.parametrize("target", ["../../outside.py", "/tmp/absolute.py", "flash_attn/../../../x.py"])
+def test_patch_outside_the_tree(tmp_path: Path, fa_upstream: Path, target: str) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "0001-escape.patch").write_text(PATCH.format(a=target, b=target))  # a//tmp/..: absolute
+    (patches / "series").write_text("0001-escape.patch\n")
+    err = one_error(run_cli("build", "--out", str(tmp_path / "out"), "--fa-src", str(fa_upstream),
+                            "--fa-patches", str(patches)))
+    assert "patch 0001-escape.patch touches" in err and "outside the tree it patches" in err
+    assert listing(tmp_path / "out") == []
+    assert not (tmp_path / "outside.py").exists()
+
+
+def test_patch_absolute_path_without_prefix(tmp_path: Path) -> None:
+    from vllm_forge.patching import check_paths
+
+    p = tmp_path / "abs.patch"
+    p.write_text("--- /etc/hostname\n+++ /etc/hostname\n@@ -1 +1 @@\n-a\n+b\n")
+    with pytest.raises(ForgeError, match="touches '/etc/hostname', outside the tree"):
+        check_paths(p)
+    p.write_text("diff --git a/x b/x\nnew file mode 120000\n--- /dev/null\n+++ b/x\n@@ -0,0 +1 @@\n+/etc\n")
+    with pytest.raises(ForgeError, match="makes a symbolic link"):
+        check_paths(p)
+    p.write_text(PATCH.format(a="flash_attn/cute/x.py", b="flash_attn/cute/x.py"))
+    assert check_paths(p) == ["flash_attn/cute/x.py", "flash_attn/cute/x.py"]
+
+
+@pytest.mark.parametrize("entry", ["../escape.patch", "/etc/passwd", "missing.patch"])
+def test_malformed_series(tmp_path: Path, fa_upstream: Path, entry: str) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (tmp_path / "escape.patch").write_text(PATCH.format(a="flash_attn/cute/x.py", b="flash_attn/cute/x.py"))
+    (patches / "series").write_text(f"# comment\n{entry}\n")
+    err = one_error(run_cli("build-fa4-wheel", "--out", str(tmp_path / "out"), "--fa-src", str(fa_upstream),
+                            "--fa-patches", str(patches)))
+    assert f"series lists {entry!r}, which is not a file of" in err or "which does not exist" in err
+    assert listing(tmp_path / "out") == []
+
+
+def test_fa_patches_dir_missing(tmp_path: Path, fa_upstream: Path) -> None:
+    err = one_error(run_cli("build-fa4-wheel", "--out", str(tmp_path / "out"), "--fa-src", str(fa_upstream),
+                            "--fa-patches", str(tmp_path / "nope")))
+    assert f"flash-attention patch directory {tmp_path / 'nope'} does not exist" in err
+
+
+# --- links and member names that escape ------------------------------------------------------------
+
+def test_fa_src_symlink_escapes(tmp_path: Path, fa_upstream: Path) -> None:
+    src = tmp_path / "fa"
+    shutil.copytree(fa_upstream, src)
+    (tmp_path / "secret.py").write_text("SECRET = 1\n")
+    (src / CUTE / "leak.py").symlink_to(tmp_path / "secret.py")
+    err = one_error(run_cli("build-fa4-wheel", "--out", str(tmp_path / "out"), "--fa-src", str(src)))
+    assert "leak.py in local checkout" in err and "links outside" in err
+    assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("member", ["symlink", "dotdot", "absolute"])
+def test_sdist_member_escapes(tmp_path: Path, member: str) -> None:
+    from vllm_forge.source import _extract
+
+    sdist = tmp_path / "vllm-0.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        info = tarfile.TarInfo("vllm-0.0.0/setup.py")
+        info.size = 0
+        tf.addfile(info)
+        if member == "symlink":
+            link = tarfile.TarInfo("vllm-0.0.0/evil")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+            tf.addfile(link)
+        else:
+            bad = tarfile.TarInfo("../evil.py" if member == "dotdot" else "/tmp/evil.py")
+            bad.size = 0
+            tf.addfile(bad)
+    with pytest.raises(ForgeError, match="link member|unsafe archive member name"):
+        _extract(sdist, tmp_path / "x")
+    assert not (tmp_path / "evil.py").exists() and not (tmp_path / "x" / "vllm-0.0.0" / "evil").exists()
+
+
+# --- every command, bad arguments -------------------------------------------------------------------
+
+def test_verify_bad_arguments(tmp_path: Path) -> None:
+    assert "does not exist" in one_error(run_cli("verify", str(tmp_path / "nope.whl")))
+    (tmp_path / "d.whl").mkdir()
+    assert "does not exist" in one_error(run_cli("verify", str(tmp_path / "d.whl")))
+    junk = tmp_path / "vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl"
+    junk.write_bytes(b"not a zip")
+    one_error(run_cli("verify", str(junk)))
+    with zipfile.ZipFile(junk, "w") as zf:
+        zf.writestr("../../evil.py", "x")
+    one_error(run_cli("verify", str(junk)))
+
+
+def test_lock_bad_arguments(tmp_path: Path, forged: BuildResult) -> None:
+    assert "does not exist" in one_error(run_cli("lock", str(tmp_path / "nope.whl")))
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "l.txt"),
+                            "--python", str(tmp_path / "no-python")))
+    assert "cannot run" in err and "--python" in err
+    (tmp_path / "dir").mkdir()
+    assert "is a directory" in one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "dir")))
+    assert listing(tmp_path) == ["dir"]
+
+
+def test_docker_bad_arguments(tmp_path: Path) -> None:
+    assert "unknown vLLM version '9.9.9'" in one_error(run_cli("docker", "--vllm", "9.9.9", "--out",
+                                                                   str(tmp_path / "o")))
+    data = data_copy(tmp_path)
+    (data / "docker" / "Dockerfile.in").unlink()
+    err = one_error(run_cli("docker", "--out", str(tmp_path / "o"), env={"VLLM_FORGE_DATA_DIR": str(data)}))
+    assert "cannot read the Dockerfile template" in err
+    assert listing(tmp_path) == ["data"]
+
+
+def test_refresh_bad_arguments(tmp_path: Path) -> None:
+    err = one_error(run_cli("refresh", "--from", "0.19.1", "--to", "0.18.1", "--data-dir", str(tmp_path / "nope")))
+    assert "cannot read pins file" in err
+    assert "unknown vLLM version '7.0'" in one_error(run_cli("refresh", "--from", "7.0", "--to", "0.18.1",
+                                                               "--data-dir", str(data_copy(tmp_path))))
+
+
+def test_build_bad_arguments(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert "does not exist" in one_error(run_cli("build", "--out", str(out), "--base-wheel", str(tmp_path / "x")))
+    assert "is not an integer" in one_error(run_cli("build", "--out", str(out), env={"SOURCE_DATE_EPOCH": "x"}))
+    err = one_error(run_cli("build", "--out", str(out), "--fa-src", str(tmp_path / "no-fa")))
+    assert "does not exist" in err
+    assert listing(tmp_path) == []
+
+
+def test_sigterm_cleans_up(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
+    """SIGTERM (a scheduler, `timeout`) during the repack: temp files removed, exit 143."""
+    code = KILL_IN_REPACK.replace("signal.SIGKILL", "signal.SIGTERM")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "build", "--out", str(out), "--base-wheel", str(base_wheel),
+                        "--fa-src", str(fa_upstream)], capture_output=True, text=True, check=False)
+    assert r.returncode == 143 and "vllm-forge: terminated" in r.stderr, r.stderr[-2000:]
+    assert listing(tmp_path) == []  # --out was created by the build and removed with its temp files
+
+
+def test_host_of_temp_names(tmp_path: Path) -> None:
+    """Temp names carry this host's tag: a dead pid's temp from another host is left alone."""
+    from vllm_forge.output import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    here = temp_prefix().replace(f"p{os.getpid()}.", f"p{dead}.")
+    other = f".vllm-forge-p{dead}.{hashlib.sha256(b'other-' + socket.gethostname().encode()).hexdigest()[:8]}."
+    (tmp_path / f"{here}x.whl.part").write_bytes(b"")
+    (tmp_path / f"{other}x.whl.part").write_bytes(b"")
+    (tmp_path / f"{here}y.d").mkdir()
+    assert sorted(remove_stale_temps(tmp_path)) == sorted([f"{here}x.whl.part", f"{here}y.d"])
+    assert listing(tmp_path) == [f"{other}x.whl.part"]

@@ -11,6 +11,7 @@ from types import FrameType
 
 from . import __version__
 from .errors import ForgeError
+from .fetch import end_progress_line
 from .output import os_error_line
 
 
@@ -122,15 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok: {check}")
             print(f"{report.wheel}: verified")
     except ForgeError as e:
+        end_progress_line()
         print(f"vllm-forge: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # EACCES, ENOSPC, EROFS, EFBIG... anywhere in a command: one line, not a traceback
+        end_progress_line()
         print(f"vllm-forge: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        end_progress_line()
         print("vllm-forge: interrupted", file=sys.stderr)
         return 130
     except _Terminated:
+        end_progress_line()
         print("vllm-forge: terminated", file=sys.stderr)
         return 143
     return 0

@@ -108,10 +108,19 @@ class Progress:
             pct = f" {100 * self.done / self.total:5.1f}%" if self.total else ""
             print(f"\r  {self.label}:{pct} {mb:8.1f} MB ({rate:6.1f} MB/s)",
                   end="", file=sys.stderr, flush=True)
+            Progress.line_open = True
 
     def close(self) -> None:
-        if self.done:
-            print(file=sys.stderr, flush=True)
+        end_progress_line()
+
+    line_open = False  # a progress line without its newline is on stderr
+
+
+def end_progress_line() -> None:
+    """End a progress line cut short (by an error), so that the next message starts a line."""
+    if Progress.line_open:
+        print(file=sys.stderr, flush=True)
+        Progress.line_open = False
 
 
 class Index:
