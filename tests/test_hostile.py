@@ -526,3 +526,23 @@ def test_host_of_temp_names(tmp_path: Path) -> None:
     (tmp_path / f"{here}y.d").mkdir()
     assert sorted(remove_stale_temps(tmp_path)) == sorted([f"{here}x.whl.part", f"{here}y.d"])
     assert listing(tmp_path) == [f"{other}x.whl.part"]
+
+
+def test_refresh_read_only_data_dir(small_fs: Path) -> None:
+    """refresh writing into a read-only data dir: one line, the data dir unchanged; writable, it works."""
+    data = small_fs / "data"
+    shutil.copytree(data_dir() / "vllm_overlay", data / "vllm_overlay")
+    pins = json.loads((data_dir() / "pins.json").read_text())
+    pins["vllm"]["0.18.1"]["overlay"] = "fa4-sm90-hd512"  # as before 0.18.1 had its own overlay
+    (data / "pins.json").write_text(json.dumps(pins, indent=2) + "\n")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    args = ("refresh", "--from", "0.19.1", "--to", "0.18.1", "--data-dir", str(data))
+    err = one_error(run_cli(*args))
+    assert "Read-only file system" in err and "read-only; choose a writable path" in err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((data / "pins.json").read_text())["vllm"]["0.18.1"]["overlay"] == "fa4-sm90-hd512@0.18.1"
+    assert not [p for p in data.rglob(".*.part")]
