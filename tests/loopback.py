@@ -30,7 +30,7 @@ def loopback_index(served: Served, project: str = "vllm") -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             served.requests.append(self.path)
             if self.path == f"/simple/{project}/":
                 page = {"meta": {"api-version": "1.1"}, "name": project, "files": [

@@ -26,7 +26,6 @@ from vllm_forge.build import BuildResult
 from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import CUTE, get_fa4_sources
 from vllm_forge.fetch import Index, cached_download
-from vllm_forge.output import temp_prefix
 from vllm_forge.pins import Pins, data_dir
 
 WHEEL_NAME = "vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl"
@@ -126,6 +125,8 @@ def test_live_build_temp_kept(tmp_path: Path, base_wheel: Path, fa_upstream: Pat
     """A temp file of a build that still runs (here: a live process's pid) is not touched."""
     out = tmp_path / "out"
     out.mkdir()
+    from vllm_forge.output import temp_prefix
+
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         mine = temp_prefix().replace(f"p{os.getpid()}.", f"p{live.pid}.")
@@ -515,7 +516,7 @@ def test_sigterm_cleans_up(tmp_path: Path, base_wheel: Path, fa_upstream: Path) 
 
 def test_host_of_temp_names(tmp_path: Path) -> None:
     """Temp names carry this host's tag: a dead pid's temp from another host is left alone."""
-    from vllm_forge.output import remove_stale_temps
+    from vllm_forge.output import remove_stale_temps, temp_prefix
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()

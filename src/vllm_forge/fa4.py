@@ -22,7 +22,15 @@ from pathlib import Path
 import git
 
 from .errors import ForgeError
-from .fetch import Index, RangesUnsupported, cache_dir, cached_download, evict, safe_member_name, sha256_file
+from .fetch import (
+    Index,
+    RangesUnsupported,
+    cache_dir,
+    cached_download,
+    evict,
+    safe_member_name,
+    sha256_file,
+)
 from .patching import AppliedPatch, apply_series
 from .pins import FaPin, data_dir
 

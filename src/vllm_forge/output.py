@@ -67,7 +67,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(out_dir: Path) -> list[str]:
     """Remove the temp files (and temp directories) of dead builds of this host from out_dir."""
-    host, removed = _host_tag(), []
+    host = _host_tag()
+    removed: list[str] = []
     try:
         entries = list(out_dir.iterdir())
     except OSError:
