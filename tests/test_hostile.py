@@ -285,9 +285,12 @@ def test_disk_full_during_repack(small_fs: Path, base_wheel: Path, fa_upstream: 
 
 
 def test_read_only_out(small_fs: Path, fa_upstream: Path) -> None:
+    (small_fs / "exists").mkdir()
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     err = one_error(run_cli("build-fa4-wheel", "--out", str(small_fs / "out"), "--fa-src", str(fa_upstream)))
     assert f"cannot create --out {small_fs / 'out'}: Read-only file system" in err
+    err = one_error(run_cli("build-fa4-wheel", "--out", str(small_fs / "exists"), "--fa-src", str(fa_upstream)))
+    assert f"cannot write in --out {small_fs / 'exists'}: Read-only file system -- that filesystem is read-only" in err
 
 
 # --- interrupted downloads ----------------------------------------------------------------------
