@@ -147,6 +147,7 @@ def main() -> int:
             own = {n: zf.read(n) for n in ("vllm/vllm_flash_attn/__init__.py",
                                           "vllm/vllm_flash_attn/flash_attn_interface.py")}
         with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "none").mkdir()
             before = get_fa4_sources(target, Path(tmp) / "b", index, pins.index_project, patch_dir=Path(tmp) / "none")
             after = get_fa4_sources(target, Path(tmp) / "a", index, pins.index_project, patch_dir=series.dir)
         plan[target.short]["after_tree_sha256"] = after.tree_sha256

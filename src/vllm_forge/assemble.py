@@ -32,12 +32,12 @@ from .fetch import CHUNK, Progress, safe_member_name
 FILE_MODE = 0o100644 << 16
 
 
-def open_wheel(path: Path) -> zipfile.ZipFile:
+def open_wheel(path: Path, what: str = "base wheel",
+               hint: str = "delete it and download it again") -> zipfile.ZipFile:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ForgeError(f"base wheel {path} is corrupt or truncated: {e}",
-                         "delete it and download it again") from None
+        raise ForgeError(f"{what} {path} is corrupt or truncated: {e}", hint) from None
     for info in zf.infolist():
         safe_member_name(info.filename, str(path))
     return zf

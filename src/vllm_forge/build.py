@@ -6,6 +6,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -14,14 +15,14 @@ from pathlib import Path
 from . import __version__
 from .assemble import assemble, read_base
 from .errors import ForgeError
-from .fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
+from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
-from .fetch import Index, cache_dir, check_digest, sha256_file
-from .output import publish, source_date_epoch, staged_output
-from .overlay import load_stack, sha256
+from .fetch import Index, cache_dir, check_digest, evict, sha256_file
+from .output import check_output_dir, publish, source_date_epoch, staged_output
+from .overlay import Stack, load_stack, sha256
 from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .series import series_for, series_hash
-from .verify import STAMP, verify_wheel
+from .verify import STAMP, Report, verify_wheel
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     if vpin.plan == "tune":
         check_tune(pins, vpin, fa_patch_dir, fa4_mode, gemma4_fa4, allow_unvalidated)
     stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4) if vpin.plan == "backport" else [])
+    check_output_dir(out_dir)  # before a 433 MB download
     index = cache(lambda: Index(index_url))
     project = pins.index_project
 
@@ -57,52 +59,79 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
-    target = fa_target(pins, vpin, base)
-    print(f"vllm-forge {__version__}: vLLM {vpin.version} ({vpin.plan}) + flash-attention {target.short} "
-          f"(overlay {' + '.join(stack.ids) or 'none'}, FA4 {fa4_mode})", file=sys.stderr)
+    print(f"vllm-forge {__version__}: vLLM {vpin.version} ({vpin.plan}) + flash-attention "
+          f"{pins.fa_commit(vpin)[:7]} (overlay {' + '.join(stack.ids) or 'none'}, FA4 {fa4_mode})", file=sys.stderr)
+    try:
+        final, manifest_path, report = _forge(
+            pins, vpin, stack, fa4_mode, gemma4_fa4, base, base_origin, out_dir, index, fa_src, fa_patch_dir,
+            from_cache=base_origin.startswith("cache "))
+    except _CorruptCache:  # the cache repairs itself: evict, download, verify, forge again
+        evict(base)
+        base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
+        final, manifest_path, report = _forge(
+            pins, vpin, stack, fa4_mode, gemma4_fa4, base, f"index {index().url}{project}/", out_dir, index,
+            fa_src, fa_patch_dir, from_cache=False)
+    print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    for check in report.checks:
+        print(f"  ok: {check}", file=sys.stderr)
+    return BuildResult(final, manifest_path)
 
+
+class _CorruptCache(Exception):
+    """The cached base wheel failed its sha256 (found during the repack): evict it, forge again."""
+
+
+def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: bool, base: Path, base_origin: str,
+           out_dir: Path, index: Callable[[], Index], fa_src: str | None, fa_patch_dir: Path | None,
+           from_cache: bool) -> tuple[Path, Path, Report]:
+    project = pins.index_project
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
             ThreadPoolExecutor(2) as pool:
         base_digest = pool.submit(sha256_file, base)  # overlaps FA4, overlay and repack
-        base_files, base_stamp = read_base(base, vpin.version, stack.paths)
-        overlaid, done = stack.apply(base_files)
-        adds = stack.adds()
-        fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
-        epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
-        stamp = {
-            "tool": f"vllm-forge {__version__}",
-            "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
-            "plan": vpin.plan,
-            "flash_attention": {
-                "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,
-                "tree_sha256": fa.tree_sha256,
-                "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
-            },
-            "fa4_mode": fa4_mode,
-            "overlay": {
-                "layers": stack.ids,
-                "files": done,
-                "adds": {p: sha256(d) for p, d in sorted(adds.items())},
-            },
-            "source_date_epoch": epoch,
-        }
-        tmp_wheel = temp(".whl.part")
-        bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
-        system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
-        # backport: FA4's runtime requirements merged in; tune: the release's own FA4 pins stay
-        requires = ([] if vpin.plan == "tune" else
-                    list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
-        label = version_label(target.short, fa4_mode, gemma4_fa4, series_hash([p.sha256 for p in fa.patches])
-                              if fa.patches else "")
-        forged = assemble(
-            base, tmp_wheel, label=label,
-            drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
-            requires=requires,
-            stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
-        final = out_dir / forged.filename
-        out_digest = pool.submit(sha256_file, tmp_wheel)
-        check_digest(base_digest.result(), vpin.wheel_sha256, f"base wheel {base}",
-                     "the file is corrupt, truncated or another build; delete it and download it again")
+        target: FaTarget = fa_target(pins, vpin, base)
+        try:  # a cached base that fails anywhere here is checked against its sha256
+            base_files, base_stamp = read_base(base, vpin.version, stack.paths)
+            overlaid, done = stack.apply(base_files)
+            adds = stack.adds()
+            fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
+            epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
+            stamp = {
+                "tool": f"vllm-forge {__version__}",
+                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+                "plan": vpin.plan,
+                "flash_attention": {
+                    "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,
+                    "tree_sha256": fa.tree_sha256,
+                    "patches": [{"name": p.name, "sha256": p.sha256} for p in fa.patches],
+                },
+                "fa4_mode": fa4_mode,
+                "overlay": {
+                    "layers": stack.ids,
+                    "files": done,
+                    "adds": {p: sha256(d) for p, d in sorted(adds.items())},
+                },
+                "source_date_epoch": epoch,
+            }
+            tmp_wheel = temp(".whl.part")
+            bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
+            system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
+            # backport: FA4's runtime requirements merged in; tune: the release's own FA4 pins stay
+            requires = ([] if vpin.plan == "tune" else
+                        list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
+            series = series_hash([p.sha256 for p in fa.patches]) if fa.patches else ""
+            forged = assemble(
+                base, tmp_wheel, label=version_label(target.short, fa4_mode, gemma4_fa4, series),
+                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
+                requires=requires,
+                stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
+            final = out_dir / forged.filename
+            out_digest = pool.submit(sha256_file, tmp_wheel)
+            check_digest(base_digest.result(), vpin.wheel_sha256, f"base wheel {base}",
+                         "the file is corrupt, truncated or another build; delete it and download it again")
+        except Exception:
+            if from_cache and base_digest.result() != vpin.wheel_sha256:
+                raise _CorruptCache() from None
+            raise
         report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
                               name=forged.filename)
         manifest = {
@@ -123,10 +152,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
         publish(tmp_wheel, final)
         publish(man_tmp, manifest_path)
-    print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    for check in report.checks:
-        print(f"  ok: {check}", file=sys.stderr)
-    return BuildResult(final, manifest_path)
+    return final, manifest_path, report
 
 
 def check_tune(pins: Pins, vpin: VllmPin, fa_patch_dir: Path | None, fa4_mode: str, gemma4_fa4: bool,

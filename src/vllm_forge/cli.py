@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from . import __version__
 from .errors import ForgeError
+from .fetch import end_progress_line
+from .output import os_error_line
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temp files) runs."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--index-url", help="package index simple API (default: pip's)")
 
     args = ap.parse_args(argv)
+    # SIGTERM (a job scheduler, `timeout`, docker stop) unwinds like an interrupt: temp files go
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.cmd == "build":
             if args.mode == "source":
@@ -119,11 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok: {check}")
             print(f"{report.wheel}: verified")
     except ForgeError as e:
+        end_progress_line()
         print(f"vllm-forge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # EACCES, ENOSPC, EROFS, EFBIG... anywhere in a command: one line, not a traceback
+        end_progress_line()
+        print(f"vllm-forge: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        end_progress_line()
         print("vllm-forge: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        end_progress_line()
+        print("vllm-forge: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

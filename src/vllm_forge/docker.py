@@ -11,6 +11,7 @@ from pathlib import Path
 from .assemble import forged_names
 from .errors import ForgeError
 from .fa4 import forged_label
+from .output import publish, staged_output
 from .pins import data_dir, load_pins
 
 
@@ -19,14 +20,21 @@ def render(version: str | None, out: Path) -> Path:
     vpin = pins.for_version(version or pins.default_vllm)
     wheel = forged_names(vpin.wheel, forged_label(pins, vpin)).filename
     cuda = pins.cuda_image_tag
-    text = (data_dir() / "docker" / "Dockerfile.in").read_text()
+    template = data_dir() / "docker" / "Dockerfile.in"
+    try:
+        text = template.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ForgeError(f"cannot read the Dockerfile template {template}: {e}",
+                         "reinstall vllm-forge, or fix VLLM_FORGE_DATA_DIR") from None
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():
         text = text.replace(f"@{key}@", value)
     if "@" in "".join(ln for ln in text.splitlines() if not ln.startswith("#")):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
-    out.mkdir(parents=True, exist_ok=True)
     dockerfile = out / "Dockerfile"
-    dockerfile.write_text(text)
+    with staged_output(out) as temp:
+        staged = temp(".Dockerfile")
+        staged.write_text(text)
+        publish(staged, dockerfile)
     return dockerfile
 
 

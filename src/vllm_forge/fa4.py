@@ -9,6 +9,7 @@ that ships the same pin (read with HTTP range requests: only the cute members).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import subprocess
@@ -26,8 +27,9 @@ from .fetch import (
     RangesUnsupported,
     cache_dir,
     cached_download,
-    check_sha256,
+    evict,
     safe_member_name,
+    sha256_file,
 )
 from .patching import AppliedPatch, apply_series
 from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir, version_label
@@ -154,20 +156,23 @@ def from_git(url: str, commit: str) -> Tree:
         commit_obj = repo.commit(commit)
     except (ValueError, git.BadName):
         print(f"  git: fetching {commit[:12]} from {url}", file=sys.stderr, flush=True)
-        errors = []
-        for args in (["--depth=1", commit], ["+refs/heads/*:refs/remotes/origin/*"]):
+        errors: dict[str, str] = {}
+        for what, args in (("commit", ["--depth=1", commit]), ("branches", ["+refs/heads/*:refs/remotes/origin/*"])):
             try:
                 repo.git.fetch("--filter=blob:none", "--no-tags", "origin", *args)
             except git.GitCommandError as e:
-                errors.append(str(e.stderr).strip().splitlines()[-1] if e.stderr else str(e))
+                errors[what] = _git_error(e)
             try:
                 commit_obj = repo.commit(commit)
                 break
             except (ValueError, git.BadName):
                 continue
         else:
+            if "branches" in errors:  # a reachable repository always answers a fetch of its branches
+                raise ForgeError(f"cannot reach git mirror {url}: {errors['branches']}",
+                                 "check the network or the URL (the mirror is unreachable, not missing the commit)")
             raise ForgeError(f"commit {commit} not found in git mirror {url}",
-                             f"check the URL and the pin ({'; '.join(errors) or 'fetched, commit absent'})")
+                             "the mirror answered but lacks that commit; check the URL and the pin")
     try:
         sub = commit_obj.tree / CUTE
     except KeyError:
@@ -184,16 +189,24 @@ def from_git(url: str, commit: str) -> Tree:
     return tree
 
 
+def _git_error(e: git.GitCommandError) -> str:
+    """The telling line of a failed git command (its last `fatal:` line, else its last line)."""
+    lines = [ln.strip() for ln in str(e.stderr or "").splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
+    return (fatal or lines or [str(e)])[-1].removeprefix("stderr: ").strip("'")
+
+
 def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) -> tuple[Tree, str]:
     """The cute files of the vLLM wheel that ships the pin, un-rewritten to upstream form."""
     wm = pin.wheel_mirror if isinstance(pin, FaPin) else pin.wheel
     local = None if isinstance(pin, FaPin) else pin.local_wheel
     cached = cache_dir() / "dl" / wm.wheel
     fetched = ""
+    if local is None and cached.is_file() and sha256_file(cached) != wm.wheel_sha256:
+        evict(cached, then="fetching its FA4 files from the index")
     if local is not None:
         zf = zipfile.ZipFile(local)  # the base wheel of this build: its sha256 is checked by the build
     elif cached.is_file():
-        check_sha256(cached, wm.wheel_sha256, "cached")
         zf = zipfile.ZipFile(cached)
     else:
         try:
@@ -285,25 +298,40 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
     own series from patches/flash-attention/manifest.json (none: the pin as it is)."""
     if isinstance(pin, FaPin):
         pin = FaTarget(pin.commit, pin.cute_tree_sha256, pin.git_repository, pin.wheel_mirror)
+    if patch_dir is not None and not patch_dir.is_dir():
+        raise ForgeError(f"flash-attention patch directory {patch_dir} does not exist",
+                         "check --fa-patches (a directory with *.patch files and an optional series)")
     failures: list[str] = []
+    cached = cache_dir() / "fa4" / pin.commit
     for name, fetch in _mirrors(fa_src, pin, index, project):
+        if name == "cache" and not cached.exists():
+            failures.append("cache: empty")
+            continue
+        stage = "fetch"
         try:
             upstream, mirror = fetch()
+            stage = "cmake"
             staging = work / "fa-src"
             shutil.rmtree(staging, ignore_errors=True)
             write_tree(upstream, staging / CUTE)
             rewritten = cmake_install_fa4(staging, work, pin.commit)
             got = tree_sha256(rewritten)
+            stage = "hash"
             if got != pin.cute_tree_sha256:
                 raise ForgeError(
                     f"flash-attention tree-hash mismatch from {mirror}: expected {pin.cute_tree_sha256}, got {got}",
                     f"that source is not flash-attention@{pin.commit[:12]}",
                 )
-        except ForgeError as e:
+        except (ForgeError, OSError, zipfile.BadZipFile, http.client.HTTPException) as e:
+            what = e.what if isinstance(e, ForgeError) else f"{type(e).__name__}: {e}"
             if fa_src:
                 raise
-            failures.append(f"{name}: {e.what}")
-            print(f"  FA4 mirror {name} unusable: {e.what}", file=sys.stderr, flush=True)
+            failures.append(f"{name}: {what}")
+            if name == "cache" and stage != "cmake":  # the cache repairs itself: the next mirror serves
+                evict(cached, "failed its tree hash" if stage == "hash" else f"is unreadable ({what})",
+                      "fetching from the next mirror", f"flash-attention tree {pin.commit[:12]}")
+            else:
+                print(f"  FA4 mirror {name} unusable: {what}", file=sys.stderr, flush=True)
             continue
         print(f"  FA4 sources: {len(rewritten)} files from {mirror}, tree hash verified", file=sys.stderr)
         if name not in ("cache", "base wheel"):
@@ -324,9 +352,15 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
 
 
 def _store_in_cache(tree: Tree, commit: str) -> None:
+    """Best effort: a cache that cannot be written costs the next build a fetch, not this one."""
     dest = cache_dir() / "fa4" / commit
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_tree(tree, tmp / CUTE)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tree(tree, tmp / CUTE)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"vllm-forge: cannot cache the flash-attention tree in {dest.parent}: {e.strerror or e}; "
+              "continuing without", file=sys.stderr)

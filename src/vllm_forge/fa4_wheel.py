@@ -20,7 +20,7 @@ from . import __version__
 from .assemble import MemberWriter, zip_date_time
 from .fa4 import CUTE, get_fa4_sources
 from .fetch import Index
-from .output import publish, source_date_epoch, staged_output
+from .output import check_output_dir, publish, source_date_epoch, staged_output
 from .patching import AppliedPatch
 from .pins import FaPin, load_pins
 from .series import series_hash
@@ -44,6 +44,7 @@ def build_fa4_wheel(out_dir: Path = Path("dist"), fa_src: str | None = None, ind
                     fa_patch_dir: Path | None = None) -> Fa4WheelResult:
     pins = load_pins()
     fa, spec = pins.fa, pins.fa.fa4_wheel
+    check_output_dir(out_dir)
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-fa4-") as work:
         src = get_fa4_sources(fa, Path(work), cache(lambda: Index(index_url)), pins.index_project,
                               fa_src, fa_patch_dir)

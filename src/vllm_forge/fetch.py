@@ -8,13 +8,16 @@ sha256 matched the pin; a cached file is re-hashed on every use.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -35,18 +38,16 @@ def cache_dir() -> Path:
     return Path(base) / "vllm-forge"
 
 
-def default_index_url() -> str:
-    explicit = os.environ.get("VLLM_FORGE_INDEX_URL") or os.environ.get("PIP_INDEX_URL")
-    if explicit:
-        return explicit
-    try:  # the index pip itself would use
-        from pip._internal.models.index import PyPI
+# pip's own default (pip._internal.models.index.PyPI.simple_url). Not imported from pip: importing
+# pip in this process (Python < 3.12) makes setuptools' distutils shim hand out the standard
+# library's distutils for the rest of the process, and a later `import setuptools` (torch's
+# cpp_extension, a build backend) then fails its own assertion.
+PYPI_SIMPLE_URL = "https://pypi.org/simple/"
 
-        return str(PyPI.simple_url)
-    except ImportError:  # pragma: no cover - pip is always next to a venv's python
-        raise ForgeError(
-            "no package index configured", "pass --index-url or set PIP_INDEX_URL"
-        ) from None
+
+def default_index_url() -> str:
+    """--index-url's default: VLLM_FORGE_INDEX_URL, PIP_INDEX_URL, else PyPI (pip's default)."""
+    return os.environ.get("VLLM_FORGE_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE_URL
 
 
 def sha256_file(path: Path) -> str:
@@ -108,10 +109,19 @@ class Progress:
             pct = f" {100 * self.done / self.total:5.1f}%" if self.total else ""
             print(f"\r  {self.label}:{pct} {mb:8.1f} MB ({rate:6.1f} MB/s)",
                   end="", file=sys.stderr, flush=True)
+            Progress.line_open = True
 
     def close(self) -> None:
-        if self.done:
-            print(file=sys.stderr, flush=True)
+        end_progress_line()
+
+    line_open = False  # a progress line without its newline is on stderr
+
+
+def end_progress_line() -> None:
+    """End a progress line cut short (by an error), so that the next message starts a line."""
+    if Progress.line_open:
+        print(file=sys.stderr, flush=True)
+        Progress.line_open = False
 
 
 class Index:
@@ -133,10 +143,16 @@ class Index:
 
     def files(self, project: str) -> dict[str, dict[str, object]]:
         if project not in self._pages:
-            with self._open(self.url + project + "/",
-                            {"Accept": "application/vnd.pypi.simple.v1+json"}) as r:
-                page = json.load(r)
-            self._pages[project] = {f["filename"]: f for f in page["files"]}
+            url = self.url + project + "/"
+            try:
+                with self._open(url, {"Accept": "application/vnd.pypi.simple.v1+json"}) as r:
+                    page = json.load(r)
+                self._pages[project] = {str(f["filename"]): f for f in page["files"]}
+            except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException) as e:
+                raise ForgeError(f"the package index at {url} gave no usable PEP 691 JSON page "
+                                 f"({type(e).__name__}: {e})",
+                                 "check --index-url (a simple API that serves JSON, e.g. https://pypi.org/simple/)"
+                                 ) from None
         return self._pages[project]
 
     def file_url(self, project: str, filename: str, sha256: str) -> str:
@@ -154,21 +170,30 @@ class Index:
     def download(self, project: str, filename: str, sha256: str, dest: Path) -> Path:
         """Download into dest (a directory) atomically; the file appears only if its sha256 matches."""
         url = self.file_url(project, filename, sha256)
-        dest.mkdir(parents=True, exist_ok=True)
         target = dest / filename
         h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{filename}.", suffix=".part")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{filename}.", suffix=".part")
+        except OSError as e:
+            raise ForgeError(f"cannot write the download cache {dest}: {e.strerror or e}",
+                             "set VLLM_FORGE_CACHE (or XDG_CACHE_HOME) to a writable directory") from None
         try:
             with os.fdopen(fd, "wb") as out, self._open(url) as r:
                 length = r.headers.get("Content-Length")  # type: ignore[attr-defined]
-                progress = Progress(f"downloading {filename}", int(length) if length else None)
+                total = int(length) if length and length.isdigit() else None
+                progress = Progress(f"downloading {filename}", total)
                 try:
-                    while chunk := r.read(CHUNK):
+                    while chunk := _read_body(r, url, progress.done):
                         h.update(chunk)
                         out.write(chunk)
                         progress.advance(len(chunk))
                 finally:
                     progress.close()
+                if total is not None and progress.done != total:
+                    raise ForgeError(f"the download of {filename} from {url} was cut off after "
+                                     f"{progress.done} of {total} bytes",
+                                     "run again (nothing was cached); check the network or --index-url")
             check_digest(h.hexdigest(), sha256, f"downloaded {filename}",
                          "the download was corrupt or the index serves another file; try again")
             os.replace(tmp, target)
@@ -181,12 +206,32 @@ class Index:
         return RemoteFile(self.file_url(project, filename, sha256), self._open)
 
 
+def _read_body(r: BinaryIO, url: str, done: int) -> bytes:
+    """The next chunk of a response body; a dropped or timed-out connection is one ForgeError."""
+    try:
+        return r.read(CHUNK)
+    except (OSError, http.client.HTTPException) as e:
+        raise ForgeError(f"the download from {url} broke off after {done} bytes: {type(e).__name__}: {e}",
+                         "run again (nothing was cached); check the network or --index-url") from None
+
+
+def evict(path: Path, why: str = "failed its sha256", then: str = "downloading again",
+          label: str | None = None) -> None:
+    """Remove a bad cache entry (a file or a tree) and say so, in one line."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    print(f"vllm-forge: cached {label or path.name} {why}; evicted, {then}", file=sys.stderr, flush=True)
+
+
 def cached_download(index: Callable[[], Index], project: str, filename: str, sha256: str) -> Path:
-    """The pinned file from the cache (re-verified), else from the index."""
+    """The pinned file from the cache (re-verified; a corrupt one is evicted), else from the index."""
     path = cache_dir() / "dl" / filename
     if path.is_file():
-        check_sha256(path, sha256, "cached")
-        return path
+        if sha256_file(path) == sha256:
+            return path
+        evict(path)
     return index().download(project, filename, sha256, path.parent)
 
 

@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 
 from .errors import ForgeError
 from .fetch import sha256_file
-from .output import publish, staged_output
+from .output import check_output_dir, publish, staged_output
 from .pins import load_pins
 
 
@@ -34,7 +34,11 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
         cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
                str(report), *pip_args, str(wheel)]
         print(f"resolving {wheel.name} and its dependencies with pip (needs the package index)", file=sys.stderr)
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise ForgeError(f"cannot run {python}: {e.strerror or e}",
+                             "give --python the path of a Python interpreter with pip") from None
         if r.returncode != 0:
             tail = " | ".join(ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING"))[-600:]
             raise ForgeError(f"pip could not resolve {wheel.name}: {tail}",
@@ -69,12 +73,15 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     the H100); otherwise pip takes the newest versions FA4's ranges admit."""
     if not wheel.is_file():
         raise ForgeError(f"{wheel} does not exist", "give the path of a forged wheel")
+    if out.is_dir():
+        raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
+    check_output_dir(out.parent, "the directory of --out")
     pip_args = ["--index-url", index_url] if index_url else []
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
     lines = lock_lines(wheel, items, wheel_ref or str(wheel))
     header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"
               "# install with: pip install --require-hashes --no-deps -r <this file>\n")
-    with staged_output(out.parent) as temp:
+    with staged_output(out.parent, "the directory of --out") as temp:
         staged = temp(".txt")
         staged.write_text(header + "\n".join(lines) + "\n")
         publish(staged, out)

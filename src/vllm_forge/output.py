@@ -1,15 +1,32 @@
 """Publishing outputs: hidden temp files in the output directory, renamed into place only when
-complete, nothing left behind on failure; and the timestamp new files get."""
+complete, nothing left behind on failure; and the timestamp new files get.
+
+A temp file's name carries its build's pid and a hash of its host name
+(`.vllm-forge-p<pid>.<host8>.<random><suffix>`). A build killed before it could clean up (SIGKILL,
+the OOM killer, a lost machine) leaves its temp files behind; the next build into the same
+directory removes those whose build is gone (same host, pid no longer running). Temp files of live
+builds, and of builds on other hosts sharing the directory, are left alone, so concurrent builds
+into one directory both work.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ForgeError
+
+TEMP_PREFIX = ".vllm-forge-"
+_TEMP_NAME = re.compile(r"^\.vllm-forge-p(\d+)\.([0-9a-f]{8})\.")
 
 
 def source_date_epoch(default: int, default_from: str) -> tuple[int, str]:
@@ -29,34 +46,188 @@ def fsync_path(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-@contextmanager
-def staged_output(out_dir: Path) -> Iterator[Callable[[str], Path]]:
-    """Yields a maker of temp files in out_dir (hidden, mode as the umask allows). On any error they
-    are removed, and out_dir too when this created it and it is empty; `publish` moves one into place."""
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temps: list[Path] = []
-    umask = os.umask(0)
-    os.umask(umask)
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
-    def temp(suffix: str) -> Path:
-        fd, name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-forge-", suffix=suffix)
+
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files in an output directory."""
+    return f"{TEMP_PREFIX}p{os.getpid()}.{_host_tag()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Remove the temp files (and temp directories) of dead builds of this host from out_dir."""
+    host = _host_tag()
+    removed: list[str] = []
+    try:
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or m.group(2) != host or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # another build removed it first
+            continue
+        removed.append(entry.name)
+    if removed:
+        print(f"vllm-forge: removed {len(removed)} temp file(s) left in {out_dir} by a build that was "
+              f"killed ({', '.join(sorted(removed))})", file=sys.stderr)
+    return removed
+
+
+def _describe(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def check_output_dir(out_dir: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output directory that is a file or lies under one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ForgeError(f"{what} {out_dir} exists and is not a directory",
+                         "give a directory (it is created if missing), or move that file away")
+    p = out_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ForgeError(f"cannot create {what} {out_dir}: a parent of it is a file, not a directory",
+                         "give a path under a directory")
+
+
+def make_output_dir(out_dir: Path, what: str = "--out") -> list[Path]:
+    """Create out_dir (and missing parents); return the directories created, deepest first.
+    A path that is a file, or a directory that cannot be created or written, is one ForgeError."""
+    check_output_dir(out_dir, what)
+    created: list[Path] = []
+    p = out_dir
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a dangling symlink
+        raise ForgeError(f"{what} {out_dir} exists and is not a directory",
+                         "give a directory (it is created if missing), or remove that link") from None
+    except NotADirectoryError:
+        raise ForgeError(f"cannot create {what} {out_dir}: a parent of it is a file, not a directory",
+                         "give a path under a directory") from None
+    except OSError as e:
+        raise ForgeError(f"cannot create {what} {out_dir}: {_describe(e)}",
+                         "choose a writable directory for " + what) from None
+    return created  # not writable (EACCES, EROFS): the first temp file says so, with its errno
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the directories make_output_dir created, deepest first, while they are empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (another build uses it) or already gone
+            return
+
+
+class Staging:
+    """Makes hidden temp files (and directories) in an output directory and remembers them."""
+
+    def __init__(self, out_dir: Path, what: str) -> None:
+        self.out_dir, self.what = out_dir, what
+        self.temps: list[Path] = []
+        self.prefix = temp_prefix()
+        umask = os.umask(0)
+        os.umask(umask)
+        self.mode = 0o666 & ~umask
+
+    def _refused(self, e: OSError) -> ForgeError:
+        return ForgeError(f"cannot write in {self.what} {self.out_dir}: {_describe(e)}",
+                          OS_HINTS.get(e.errno or 0, "choose a writable directory for " + self.what))
+
+    def __call__(self, suffix: str) -> Path:
+        try:
+            fd, name = tempfile.mkstemp(dir=self.out_dir, prefix=self.prefix, suffix=suffix)
+        except OSError as e:
+            raise self._refused(e) from None
         os.close(fd)
         path = Path(name)
-        path.chmod(0o666 & ~umask)
-        temps.append(path)
+        self.temps.append(path)
+        path.chmod(self.mode)
         return path
 
+    def dir(self) -> Path:
+        try:
+            path = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=self.prefix, suffix=".d"))
+        except OSError as e:
+            raise self._refused(e) from None
+        self.temps.append(path)
+        return path
+
+    def discard(self) -> None:
+        for path in self.temps:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_output(out_dir: Path, what: str = "--out") -> Iterator[Staging]:
+    """Yields a maker of temp files in out_dir (hidden, mode as the umask allows). On any error they
+    are removed, and the directories this created too while they are empty; `publish` moves one into
+    place. Temp files of killed builds in out_dir are removed first."""
+    created = make_output_dir(out_dir, what)
+    remove_stale_temps(out_dir)
+    staging = Staging(out_dir, what)
     try:
-        yield temp
+        yield staging
     except BaseException:
-        for path in temps:
-            path.unlink(missing_ok=True)
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        staging.discard()
+        _remove_created(created)
         raise
+    staging.discard()  # what was not published (nothing, normally)
 
 
 def publish(temp: Path, final: Path) -> None:
     fsync_path(temp)
-    os.replace(temp, final)
+    try:
+        os.replace(temp, final)
+    except IsADirectoryError:
+        raise ForgeError(f"{final} is a directory", "move it away; the output goes there") from None
+
+
+OS_HINTS = {
+    errno.ENOSPC: "free space on that filesystem (or point --out / TMPDIR elsewhere) and run again",
+    errno.EDQUOT: "your disk quota is full; free space or point --out / TMPDIR elsewhere",
+    errno.EFBIG: "a file size limit (ulimit -f) is smaller than the output; raise it and run again",
+    errno.EACCES: "check the permissions of that path, or choose another",
+    errno.EPERM: "check the permissions of that path, or choose another",
+    errno.EROFS: "that filesystem is read-only; choose a writable path",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a component of that path is a file, not a directory; check the path",
+    errno.EISDIR: "that path is a directory; give a file",
+    errno.EMFILE: "too many open files; raise ulimit -n",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One `<what> -- <what to do>` line for an OSError that reached the command line."""
+    what = _describe(e)
+    if e.filename is not None:
+        what += f": {e.filename}"
+        if e.filename2 is not None:
+            what += f" -> {e.filename2}"
+    hint = OS_HINTS.get(e.errno or 0, "check that path and the free space, then run again")
+    return f"{what} -- {hint}"

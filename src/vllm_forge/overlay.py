@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ForgeError
+from .fetch import safe_member_name
 from .patching import AppliedPatch, apply_patch
 from .pins import data_dir
 
@@ -110,18 +111,56 @@ def overlay_root(root: Path | None = None) -> Path:
 
 
 def read_manifest(root: Path | None = None) -> dict[str, Any]:
-    return json.loads((overlay_root(root) / "manifest.json").read_text())  # type: ignore[no-any-return]
+    path = overlay_root(root) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest["overlays"], dict) \
+                or not isinstance(manifest["bases"], dict):
+            raise TypeError("not an object with 'overlays' and 'bases'")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ForgeError(f"cannot read the overlay manifest {path}: {type(e).__name__}: {e}",
+                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at") from None
+    return manifest
+
+
+def _inside(rel: object, where: str, manifest: Path) -> str:
+    """A path the manifest names, checked to stay inside its tree (the overlay root or the wheel)."""
+    if not isinstance(rel, str):
+        raise ForgeError(f"{manifest}: {where} is {rel!r}, not a path", "fix the overlay manifest")
+    try:
+        safe_member_name(rel, str(manifest))
+    except ForgeError:
+        raise ForgeError(f"{manifest}: {where} {rel!r} leaves its tree",
+                         "refusing it; overlay paths are relative, without '..'") from None
+    return rel
 
 
 def load_overlay(overlay_id: str, root: Path | None = None) -> Overlay:
     root = overlay_root(root)
     manifest = read_manifest(root)
+    where = root / "manifest.json"
     try:
         spec = manifest["overlays"][overlay_id]
     except KeyError:
-        raise ForgeError(f"unknown overlay {overlay_id!r} in {root / 'manifest.json'}",
+        raise ForgeError(f"unknown overlay {overlay_id!r} in {where}",
                          "check the overlay id in pins.json") from None
-    return Overlay(overlay_id, root, dict(spec["files"]), dict(manifest["bases"]), dict(spec.get("adds", {})))
+    try:
+        files = {_inside(k, "a wheel path", where): _inside(v, "a patch", where) for k, v in spec["files"].items()}
+        adds = {_inside(k, "a wheel path", where): _inside(v, "an added file", where)
+                for k, v in spec.get("adds", {}).items()}
+        bases = dict(manifest["bases"])
+        for sha, entry in bases.items():
+            _inside(entry["path"], "a base path", where)
+            if not isinstance(entry["results"], dict):
+                raise TypeError(f"results of base {sha[:12]} is not an object")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ForgeError(f"overlay {overlay_id!r} in {where} is malformed: {type(e).__name__}: {e}",
+                         "fix the overlay manifest") from None
+    for src in [*files.values(), *adds.values()]:
+        if not (root / src).is_file():
+            raise ForgeError(f"overlay {overlay_id!r} names {src}, which is not a file in {root}",
+                             "fix the overlay manifest or restore the file")
+    return Overlay(overlay_id, root, files, bases, adds)
 
 
 @dataclass(frozen=True)

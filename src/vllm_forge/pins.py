@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -137,6 +138,38 @@ def _version_key(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a plain file name: no directories, no '..'
+
+
+def _check(pins: Pins) -> None:
+    """Values pins.json feeds into paths, URLs and comparisons have the shapes they must have."""
+    for v, vp in pins.vllm.items():
+        for what, value, shape in (("wheel", vp.wheel, _FILE), ("sdist", vp.sdist, _FILE),
+                                   ("wheel_sha256", vp.wheel_sha256, _SHA256),
+                                   ("sdist_sha256", vp.sdist_sha256, _SHA256)):
+            if not isinstance(value, str) or not shape.match(value):
+                raise ValueError(f"vllm {v!r}: {what} {value!r} is not a {'file name' if shape is _FILE else 'sha256'}")
+        if vp.plan not in PLANS:
+            raise ValueError(f"vllm {v!r}: plan {vp.plan!r} is not one of {', '.join(PLANS)}")
+        if vp.plan == "backport" and (not isinstance(vp.overlay, str) or not vp.overlay):
+            raise ValueError(f"vllm {v!r}: overlay {vp.overlay!r} is not an overlay id")
+        if vp.plan == "tune" and (not isinstance(vp.cute_tree_sha256, str) or not _SHA256.match(vp.cute_tree_sha256)
+                                  or not _COMMIT.match(vp.flash_attention_commit)):
+            raise ValueError(f"vllm {v!r}: a tune plan needs its FA commit and cute_tree_sha256")
+    wm = pins.fa.wheel_mirror
+    checks = (("flash_attention.commit", pins.fa.commit, _COMMIT),
+              ("flash_attention.cute_tree_sha256", pins.fa.cute_tree_sha256, _SHA256),
+              ("wheel_mirror.wheel", wm.wheel, _FILE), ("wheel_mirror.wheel_sha256", wm.wheel_sha256, _SHA256),
+              ("index_project", pins.index_project, _FILE))
+    for what, value, shape in checks:
+        if not isinstance(value, str) or not shape.match(value):
+            raise ValueError(f"{what} {value!r} does not have the shape it must have")
+    if pins.default_vllm not in pins.vllm:
+        raise ValueError(f"default_vllm {pins.default_vllm!r} is not pinned")
+
+
 def load_pins(path: Path | None = None) -> Pins:
     path = path or data_dir() / "pins.json"
     try:
@@ -161,11 +194,8 @@ def load_pins(path: Path | None = None) -> Pins:
             ),
             cuda_image_tag=raw["docker"]["cuda_image_tag"],
         )
-        for v in pins.vllm.values():
-            if v.plan not in PLANS or (v.plan == "backport" and not v.overlay) or \
-                    (v.plan == "tune" and len(v.cute_tree_sha256) != 64):
-                raise ValueError(f"vLLM {v.version}: plan {v.plan!r} needs "
-                                 + ("an overlay" if v.plan == "backport" else "a cute_tree_sha256"))
+        _check(pins)
         return pins
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ForgeError(f"cannot read pins file {path}: {type(e).__name__}: {e}",
+                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at") from None

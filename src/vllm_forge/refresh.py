@@ -8,6 +8,7 @@ patch and manifest entry; a conflict is reported by file and hunk, and nothing i
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -119,15 +120,42 @@ def refresh(from_version: str, to_version: str, data: Path | None = None, force:
         shutil.copytree(overlay.root, trial)
         _write(trial, manifest, new_patches)
         load_overlay(new_id, trial).apply(new_files)
-    _write(overlay.root, manifest, new_patches)
     raw = json.loads((data / "pins.json").read_text())
     raw["vllm"][to_version]["overlay"] = new_id
-    (data / "pins.json").write_text(json.dumps(raw, indent=2) + "\n")
+    _write(overlay.root, manifest, new_patches, data / "pins.json", json.dumps(raw, indent=2) + "\n")
     return report
 
 
-def _write(root: Path, manifest: dict[str, Any], patches: dict[str, str]) -> None:
-    for name, text in patches.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write(root: Path, manifest: dict[str, Any], patches: dict[str, str], pins: Path | None = None,
+           pins_text: str = "") -> None:
+    """New patch files, then the manifest, then pins.json, each written whole or not at all; a
+    failure (ENOSPC, EROFS...) removes the patch files this wrote, so the data dir stays as it was."""
+    written: list[Path] = []
+    try:
+        for name, text in patches.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(root / name, text)
+            written.append(root / name)
+        old_manifest = (root / "manifest.json").read_text()
+        _atomic_write(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        if pins is not None:
+            try:
+                _atomic_write(pins, pins_text)
+            except BaseException:
+                _atomic_write(root / "manifest.json", old_manifest)
+                raise
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise

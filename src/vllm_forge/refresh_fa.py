@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import ForgeError
 from .fa4 import CUTE, FaTarget, Tree, fa_target, get_fa4_sources, write_tree
 from .fetch import Index
-from .patching import apply_patch, apply_series, patch_paths, read_series
+from .patching import apply_patch, apply_series, check_paths, read_series
 from .pins import load_pins
 from .refresh import diff, merge3
 from .series import (
@@ -54,15 +54,16 @@ class Conflict:
 
 def pin_tree(target: FaTarget, work: Path, index_url: str | None = None) -> Tree:
     """The pin's flash_attn/cute tree (upstream imports), tree-hash verified, without any series."""
-    src = get_fa4_sources(target, work, cache(lambda: Index(index_url)), load_pins().index_project,
-                          patch_dir=work / "no-series")
+    none = work / "no-series"
+    none.mkdir(parents=True, exist_ok=True)  # an empty series: the pin as it is
+    src = get_fa4_sources(target, work, cache(lambda: Index(index_url)), load_pins().index_project, patch_dir=none)
     return src.upstream
 
 
 def touched(patch: Path) -> list[str]:
     """The cute files a patch changes (relative to flash_attn/cute)."""
     out = []
-    for path in patch_paths(patch):
+    for path in check_paths(patch):
         if not path.startswith(CUTE + "/"):
             raise ForgeError(f"{patch.name} changes {path}, outside {CUTE}", "a series changes FA4 files only")
         out.append(path[len(CUTE) + 1:])

@@ -15,13 +15,13 @@ import os
 import shlex
 import sys
 import tarfile
-import tempfile
 from functools import cache
 from pathlib import Path
 
 from . import __version__
 from .errors import ForgeError
 from .fetch import Index, cached_download, safe_member_name, sha256_file
+from .output import staged_output
 from .overlay import load_stack
 from .patching import apply_series
 from .pins import data_dir, layers_for, load_pins
@@ -76,8 +76,8 @@ def build_source(version: str | None, out_dir: Path, index_url: str | None = Non
     target = out_dir / f"vllm-{vpin.version}-forge-src"
     if target.exists():
         raise ForgeError(f"{target} exists", "remove it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".vllm-forge-src-", dir=out_dir) as tmp:
+    with staged_output(out_dir) as staging:
+        tmp = staging.dir()
         print(f"  unpacking {sdist.name}", file=sys.stderr, flush=True)
         root = _extract(sdist, Path(tmp))
         base = {p: (root / p).read_bytes() for p in stack.paths if (root / p).is_file()}

@@ -50,7 +50,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         name, version, _, _ = parse_wheel_filename(filename)
     except Exception as e:  # packaging raises several types
         raise _fail(path, f"not a wheel file name ({e})") from None
-    with open_wheel(path) as zf:
+    with open_wheel(path, "wheel", "build it again") as zf:
         di = dist_info_dir(zf, path.name)
         report = Report(filename, str(version))
         if metadata_version(zf, di) != str(version) or di != f"{str(name).replace('-', '_')}-{version}.dist-info":
