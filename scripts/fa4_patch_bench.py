@@ -36,6 +36,7 @@ def child(hd: int) -> None:
         causal_flops,
         kv_bytes,
         make_paged,
+        paged_varlen,
         reference,
         rel_l2,
         stub_compiled_fa,
@@ -45,9 +46,7 @@ def child(hd: int) -> None:
     from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
 
     def call(p: Any, out: torch.Tensor, causal: bool = True) -> None:
-        flash_attn_varlen_func(p.q, p.k_cache, p.v_cache, max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
-                               max_seqlen_k=p.max_kv, seqused_k=p.seqused_k, block_table=p.block_table,
-                               causal=causal, softmax_scale=hd ** -0.5, fa_version=4, out=out)
+        paged_varlen(flash_attn_varlen_func, p, out, hd, causal)
 
     rows = []
     for block in (16, 64):

@@ -74,6 +74,15 @@ def make_paged(seqs: list[tuple[int, int]], heads: tuple[int, int], head_dim: in
         block_table=table, q_lens=q_lens, kv_lens=kv_lens)
 
 
+def paged_varlen(varlen: Callable[..., object], p: Paged, out: torch.Tensor, head_dim: int, causal: bool = True,
+                 q: torch.Tensor | None = None) -> None:
+    """One call of a `flash_attn_varlen_func` with FA4 on a paged batch, as vLLM's backend makes it
+    (q: another view of the queries, e.g. strided into a fused qkv buffer)."""
+    varlen(p.q if q is None else q, p.k_cache, p.v_cache, max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
+           max_seqlen_k=p.max_kv, seqused_k=p.seqused_k, block_table=p.block_table, causal=causal,
+           softmax_scale=head_dim ** -0.5, fa_version=4, out=out)
+
+
 def reference(p: Paged, scale: float, causal: bool = True) -> torch.Tensor:
     """Paged attention in float64; causal: queries aligned to the end of each sequence."""
     hq, hkv = p.q.shape[1], p.k_cache.shape[2]

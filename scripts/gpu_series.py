@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +45,14 @@ LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_series.lock"
 
 def child(side: str, checks: bool) -> dict[str, Any]:
     import torch
-    from gpu_common import (
-        causal_flops,
-        kv_bytes,
-        make_paged,
-        reference,
-        rel_l2,
-        stub_compiled_fa,
-    )
+    from gpu_common import causal_flops, kv_bytes, make_paged, paged_varlen, reference, rel_l2, stub_compiled_fa
 
     stub_compiled_fa()
     import vllm.vllm_flash_attn.flash_attn_interface as fi
 
-    varlen = fi.flash_attn_varlen_func
     res: dict[str, Any] = {"side": side, "interface": fi.__file__, "checks": [], "table": []}
 
-    def call(p: Any, out: torch.Tensor, hd: int, causal: bool = True, q: torch.Tensor | None = None) -> None:
-        varlen(p.q if q is None else q, p.k_cache, p.v_cache, max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
-               max_seqlen_k=p.max_kv, seqused_k=p.seqused_k, block_table=p.block_table, causal=causal,
-               softmax_scale=hd ** -0.5, fa_version=4, out=out)
+    call = partial(paged_varlen, fi.flash_attn_varlen_func)
 
     def check(name: str, out: torch.Tensor, ref: torch.Tensor, t0: float) -> None:
         nan = bool(out.isnan().any())
@@ -151,7 +141,7 @@ def child_ab() -> dict[str, Any]:
     """Both sides in one process (the pin's tree renamed to the package `vllmb`), each table case
     timed A/B/A/B/A/B: a difference between two processes' timings cannot hide in there."""
     import torch
-    from gpu_common import causal_flops, kv_bytes, make_paged, stub_compiled_fa
+    from gpu_common import causal_flops, kv_bytes, make_paged, paged_varlen, stub_compiled_fa
 
     stub_compiled_fa()
     for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
@@ -159,14 +149,8 @@ def child_ab() -> dict[str, Any]:
     import vllm.vllm_flash_attn.flash_attn_interface as fa
     import vllmb.vllm_flash_attn.flash_attn_interface as fb
 
-    def caller(fi: Any) -> Any:
-        def call(p: Any, out: torch.Tensor, hd: int) -> None:
-            fi.flash_attn_varlen_func(p.q, p.k_cache, p.v_cache, max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
-                                      max_seqlen_k=p.max_kv, seqused_k=p.seqused_k, block_table=p.block_table,
-                                      causal=True, softmax_scale=hd ** -0.5, fa_version=4, out=out)
-        return call
-
-    sides = {"after": caller(fa), "before": caller(fb)}
+    sides = {"after": partial(paged_varlen, fa.flash_attn_varlen_func),
+             "before": partial(paged_varlen, fb.flash_attn_varlen_func)}
     cases = [(hd, block, case, seqs) for hd in (512, 256, 128) for block in (16, 64) for case, seqs in CASES.items()]
     for hd, block, _case, seqs in cases:  # compile (no lock)
         p = make_paged([(q, min(k, 2048)) for q, k in seqs] if len(seqs) > 8 else seqs, (HQ, 4), hd, block, seed=0)
