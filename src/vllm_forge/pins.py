@@ -119,7 +119,7 @@ class Pins:
         try:
             vpin = self.vllm[version]
         except KeyError:
-            known = ", ".join(sorted(self.vllm, key=_version_key))
+            known = ", ".join(sorted(self.vllm, key=version_key))
             raise ForgeError(
                 f"unknown vLLM version {version!r}: {self.path.name} pins only {known}",
                 "pick a pinned version, or add one to pins.json with its wheel sha256 "
@@ -134,7 +134,7 @@ class Pins:
         return self.fa.commit if vpin.plan == "backport" else vpin.flash_attention_commit
 
 
-def _version_key(v: str) -> tuple[int, ...]:
+def version_key(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 

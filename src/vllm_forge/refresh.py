@@ -23,7 +23,7 @@ from .assemble import read_base
 from .errors import ForgeError
 from .fetch import Index, cached_download
 from .overlay import carries_fix, load_overlay, overlay_root, read_manifest, sha256
-from .pins import data_dir, load_pins
+from .pins import data_dir, load_pins, version_key
 
 
 @dataclass
@@ -112,7 +112,7 @@ def refresh(from_version: str, to_version: str, data: Path | None = None, force:
             base = manifest["bases"].setdefault(new_sha, {"path": path, "seen_in": [], "results": {}})
             base["results"][new_id] = result
             if to_version not in base["seen_in"]:
-                base["seen_in"].append(to_version)
+                base["seen_in"] = sorted([*base["seen_in"], to_version], key=version_key)
     manifest["overlays"][new_id] = spec
     with tempfile.TemporaryDirectory(prefix="vllm-forge-refresh-") as tmp:
         # write into a copy first: the new overlay must reproduce its own manifest on the real base
