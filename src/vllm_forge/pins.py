@@ -94,7 +94,7 @@ class Pins:
     index_project: str
     vllm: dict[str, VllmPin]
     fa: FaPin
-    cuda_image_tag: str  # the Docker base images' CUDA (docker/Dockerfile.in)
+    docker_images: tuple[str, str]  # default builder and runtime base images (docker/Dockerfile.in)
 
     def for_version(self, version: str) -> VllmPin:
         try:
@@ -129,7 +129,7 @@ def load_pins(path: Path | None = None) -> Pins:
                 wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
                 fa4_wheel=Fa4Wheel(**{**fa["fa4_wheel"], "requires": tuple(fa["fa4_wheel"]["requires"])}),
             ),
-            cuda_image_tag=raw["docker"]["cuda_image_tag"],
+            docker_images=(raw["docker"]["builder_image"], raw["docker"]["runtime_image"]),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ForgeError(f"cannot read pins file {path}: {e}", "reinstall vllm-forge") from e
