@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,9 +68,10 @@ def engine_works() -> bool:
     return engine_answers("docker")
 
 
-def pick_engine(requested: str = "auto", answers=engine_answers) -> str | None:  # type: ignore[no-untyped-def]
+def pick_engine(requested: str = "auto", answers: Callable[[str], bool] | None = None) -> str | None:
     """The engine to build with: `requested` if it answers (else an error), or for "auto" the first
     of docker, buildah, podman that answers; None when none does."""
+    answers = answers or engine_answers
     if requested != "auto":
         if requested not in ENGINES:
             raise ForgeError(f"unknown container engine {requested!r}", f"use one of auto, {', '.join(ENGINES)}")
