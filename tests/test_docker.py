@@ -24,7 +24,7 @@ def test_render_and_lint(tmp_path: Path, pins: Pins) -> None:
     wheel = "vllm-0.19.1+fa4.bce2942-cp38-abi3-manylinux_2_31_x86_64.whl"
     assert "vllm-forge build --vllm 0.19.1 --out /dist" in text
     assert f"/dist/{wheel}" in text and "--base-wheel /wheels/vllm-0.19.1-cp38-abi3-manylinux_2_31_x86_64.whl" in text
-    assert "--require-hashes" in text
+    assert "--require-hashes" in text and "\nSHELL " not in text  # OCI format: no SHELL field
     builder, runtime = pins.docker_images
     assert f"ARG BUILDER_IMAGE={builder}\n" in text and f"ARG RUNTIME_IMAGE={runtime}\n" in text
     assert builder.startswith("nvidia/cuda:") and runtime.startswith("nvidia/cuda:")
@@ -78,14 +78,14 @@ def spec(engine: str, **kw: object) -> dk.ImageBuild:
 
 def test_buildah_command() -> None:
     cmd = dk.engine_command(spec("buildah", timestamp=1700000000, isolation="chroot"))
-    assert cmd == ["buildah", "build", "--format", "docker", "--isolation", "chroot", "--timestamp", "1700000000",
+    assert cmd == ["buildah", "build", "--format", "oci", "--isolation", "chroot", "--timestamp", "1700000000",
                    "-f", "/o/Dockerfile", "-t", "localhost/t:1",
                    "--build-arg", f"FORGED_WHEEL_SHA256={'ab' * 32}",
                    "--build-arg", "SOURCE_DATE_EPOCH=1700000000",
                    "--build-arg", 'VLLM_FORGE_STAMP={"a": 1}',
                    "--build-context", "wheels=/o/wheels", "--secret", "id=ca-bundle,src=/ca.pem", "/ctx"]
     podman = dk.engine_command(spec("podman"))
-    assert podman[:4] == ["podman", "build", "--format", "docker"] and "--timestamp" not in podman
+    assert podman[:4] == ["podman", "build", "--format", "oci"] and "--timestamp" not in podman
 
 
 def test_docker_command() -> None:

@@ -97,11 +97,12 @@ class ImageBuild:
 
 def engine_command(b: ImageBuild) -> list[str]:
     """The build command line. docker: BuildKit (build contexts, secrets, SOURCE_DATE_EPOCH as a
-    build arg, which BuildKit applies to the image's times); buildah/podman: docker image format
-    (keeps SHELL), --timestamp for the created time and every file time in the new layers."""
+    build arg, which BuildKit applies to the image's times); buildah/podman: OCI image format (their
+    docker format records the build container's random id and hostname: a new digest every build),
+    --timestamp for the created time and every file time in the new layers."""
     cmd = [b.engine, "build"]
     if b.engine != "docker":
-        cmd += ["--format", "docker"]
+        cmd += ["--format", "oci"]
         if b.isolation:
             cmd += ["--isolation", b.isolation]
         if b.timestamp is not None:
