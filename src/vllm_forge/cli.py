@@ -61,9 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("docker", help="render docker/Dockerfile.in (and build it where an engine works)")
     d.add_argument("--vllm", default=None)
     d.add_argument("--out", type=Path, default=Path("build/docker"))
-    d.add_argument("--build", action="store_true", help="docker build the rendered file (context: --context)")
+    d.add_argument("--build", action="store_true",
+                   help="build the rendered file (context: --context) with docker, else buildah, else podman")
     d.add_argument("--context", type=Path, default=Path("."), help="build context: a vllm-forge checkout")
-    d.add_argument("--tag", help="image tag")
+    d.add_argument("--tag", help="image tag (default: localhost/vllm-forge/vllm:<forged version>)")
+    d.add_argument("--engine", choices=("auto", "docker", "buildah", "podman"), default="auto",
+                   help="container engine (default: the first of docker, buildah, podman that answers)")
+    d.add_argument("--builder-image", help="builder base image (default: pins.json's CUDA devel image)")
+    d.add_argument("--runtime-image", help="runtime base image (default: pins.json's CUDA runtime image)")
+    d.add_argument("--index-url", help="package index for the host's forge and the image's pip (default: PyPI)")
+    d.add_argument("--ca-bundle", type=Path,
+                   help="CA bundle for the build's HTTPS (secret ca-bundle; default: PIP_CERT/SSL_CERT_FILE if set)")
+    d.add_argument("--isolation", help="buildah/podman --isolation (default: chroot unless BUILDAH_ISOLATION is set)")
 
     lk = sub.add_parser("lock", help="hash-pinned requirements for `pip install --require-hashes` of a wheel")
     lk.add_argument("wheel", type=Path)
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "docker":
             from .docker import docker
 
-            print(docker(args.vllm, args.out, args.build, args.context, args.tag))
+            print(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
+                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation))
         elif args.cmd == "lock":
             from .lock import lock
 

@@ -1,11 +1,25 @@
-"""`vllm-forge docker`: render docker/Dockerfile.in for a pinned release and, where a container
-engine answers, build it."""
+"""`vllm-forge docker`: render docker/Dockerfile.in for a pinned release and, with --build, build it
+with the first container engine that answers: docker (BuildKit), else buildah, else podman (the
+same Dockerfile; buildah and podman need no daemon).
+
+A build forges the wheel on this host first (sha256-checked inputs, the same bytes as in the
+builder): its sha256 and its provenance stamp become labels, the builder refuses to continue
+if its own wheel differs, and the verified base wheel is handed to the builder as the build
+context `wheels` so that it is not downloaded twice."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .assemble import forged_names
@@ -13,45 +27,216 @@ from .errors import ForgeError
 from .fa4 import forged_label
 from .output import publish, staged_output
 from .pins import data_dir, load_pins
+from .verify import STAMP
+
+ENGINES = ("docker", "buildah", "podman")
 
 
-def render(version: str | None, out: Path) -> Path:
+@dataclass(frozen=True)
+class Rendered:
+    dockerfile: Path
+    wheel: str  # the forged wheel's file name
+    base_wheel: str  # the upstream wheel's file name
+    version: str  # the forged version, e.g. 0.19.1+fa4.bce2942
+
+
+def render(version: str | None, out: Path) -> Rendered:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
-    wheel = forged_names(vpin.wheel, forged_label(pins, vpin)).filename
-    cuda = pins.cuda_image_tag
+    names = forged_names(vpin.wheel, forged_label(pins, vpin))
+    wheel = names.filename
+    forged_version = wheel.split("-")[1]
+    builder, runtime = pins.docker_images
     template = data_dir() / "docker" / "Dockerfile.in"
     try:
         text = template.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ForgeError(f"cannot read the Dockerfile template {template}: {e}",
                          "reinstall vllm-forge, or fix VLLM_FORGE_DATA_DIR") from None
-    for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "CUDA_IMAGE_TAG": cuda}.items():
+    for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "BASE_WHEEL": vpin.wheel,
+                       "MANIFEST": wheel[:-4] + ".manifest.json", "FORGED_VERSION": forged_version,
+                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime}.items():
         text = text.replace(f"@{key}@", value)
-    if "@" in "".join(ln for ln in text.splitlines() if not ln.startswith("#")):
+    if re.search(r"@[A-Z_]+@", text):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
     dockerfile = out / "Dockerfile"
     with staged_output(out) as temp:
         staged = temp(".Dockerfile")
         staged.write_text(text)
         publish(staged, dockerfile)
-    return dockerfile
+    return Rendered(dockerfile, wheel, vpin.wheel, forged_version)
+
+
+def engine_answers(name: str) -> bool:
+    """`<engine> info` succeeds: docker's daemon answers; buildah/podman can open their storage."""
+    exe = shutil.which(name)
+    return bool(exe) and subprocess.run([exe, "info"], capture_output=True).returncode == 0  # type: ignore[list-item]
 
 
 def engine_works() -> bool:
-    docker = shutil.which("docker")
-    return bool(docker) and subprocess.run([docker, "info"], capture_output=True).returncode == 0  # type: ignore[list-item]
+    return engine_answers("docker")
 
 
-def docker(version: str | None, out: Path, build: bool, context: Path, tag: str | None) -> Path:
-    dockerfile = render(version, out)
-    print(f"rendered {dockerfile}", file=sys.stderr)
-    if build:
-        if not engine_works():
-            print("vllm-forge: no container engine answers here (`docker info` fails); rendered only",
-                  file=sys.stderr)
-        else:
-            cmd = ["docker", "build", "-f", str(dockerfile), "-t", tag or "vllm-forge/vllm:latest", str(context)]
-            if subprocess.run(cmd).returncode != 0:
-                raise ForgeError(f"docker build failed: {' '.join(cmd)}", "see the build output above")
-    return dockerfile
+def pick_engine(requested: str = "auto", answers: Callable[[str], bool] | None = None) -> str | None:
+    """The engine to build with: `requested` if it answers (else an error), or for "auto" the first
+    of docker, buildah, podman that answers; None when none does."""
+    answers = answers or engine_answers
+    if requested != "auto":
+        if requested not in ENGINES:
+            raise ForgeError(f"unknown container engine {requested!r}", f"use one of auto, {', '.join(ENGINES)}")
+        if not answers(requested):
+            raise ForgeError(f"{requested} does not answer here (`{requested} info` fails)",
+                             "start its daemon / install it, or use --engine auto")
+        return requested
+    return next((e for e in ENGINES if answers(e)), None)
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    engine: str
+    dockerfile: Path
+    context: Path
+    tag: str
+    build_args: dict[str, str] = field(default_factory=dict)
+    build_contexts: dict[str, Path] = field(default_factory=dict)
+    secrets: dict[str, Path] = field(default_factory=dict)
+    timestamp: int | None = None  # SOURCE_DATE_EPOCH of the image
+    isolation: str | None = None  # buildah/podman: chroot where no container runtime can run
+
+
+def engine_command(b: ImageBuild) -> list[str]:
+    """The build command line. docker: BuildKit (build contexts, secrets, SOURCE_DATE_EPOCH as a
+    build arg, which BuildKit applies to the image's times); buildah/podman: OCI image format (their
+    docker format records the build container's random id and hostname: a new digest every build),
+    --timestamp for the created time and every file time in the new layers."""
+    cmd = [b.engine, "build"]
+    if b.engine != "docker":
+        cmd += ["--format", "oci"]
+        if b.isolation:
+            cmd += ["--isolation", b.isolation]
+        if b.timestamp is not None:
+            cmd += ["--timestamp", str(b.timestamp)]
+    args = dict(b.build_args)
+    if b.timestamp is not None:
+        args.setdefault("SOURCE_DATE_EPOCH", str(b.timestamp))
+    cmd += ["-f", str(b.dockerfile), "-t", b.tag]
+    for key, value in sorted(args.items()):
+        cmd += ["--build-arg", f"{key}={value}"]
+    for name, path in sorted(b.build_contexts.items()):
+        cmd += ["--build-context", f"{name}={path}"]
+    for name, path in sorted(b.secrets.items()):
+        cmd += ["--secret", f"id={name},src={path}"]
+    return cmd + [str(b.context)]
+
+
+def git_provenance(context: Path) -> tuple[str, str, int | None]:
+    """(source URL, revision, commit time) of the build context's git checkout; '' / None where
+    unknown. A revision with uncommitted changes is suffixed -dirty."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(context), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    if not shutil.which("git"):
+        return "", "", None
+    revision = git("rev-parse", "HEAD")
+    if revision and git("status", "--porcelain", "--untracked-files=normal"):
+        revision += "-dirty"
+    commit_time = git("log", "-1", "--format=%ct")
+    return git("config", "--get", "remote.origin.url"), revision, int(commit_time) if commit_time else None
+
+
+def wheel_stamp(wheel: Path) -> str:
+    """The provenance stamp inside a forged wheel (dist-info/vllm_forge.json), as compact JSON."""
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(f".dist-info/{STAMP}"))
+        return json.dumps(json.loads(z.read(name)), sort_keys=True, separators=(",", ":"))
+
+
+def default_ca_bundle() -> Path | None:
+    """The CA bundle this host's pip / Python is told to trust (PIP_CERT, SSL_CERT_FILE,
+    REQUESTS_CA_BUNDLE), handed to the build as the secret `ca-bundle`."""
+    for var in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        value = os.environ.get(var)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def docker(version: str | None, out: Path, build: bool, context: Path, tag: str | None,
+           engine: str = "auto", builder_image: str | None = None, runtime_image: str | None = None,
+           index_url: str | None = None, ca_bundle: Path | None = None, isolation: str | None = None) -> Path:
+    rendered = render(version, out)
+    print(f"rendered {rendered.dockerfile}", file=sys.stderr)
+    if not build:
+        return rendered.dockerfile
+    chosen = pick_engine(engine)
+    if chosen is None:
+        print("vllm-forge: no container engine answers here (`docker info`, `buildah info`, `podman info` "
+              "fail); rendered only", file=sys.stderr)
+        return rendered.dockerfile
+
+    from .build import build as forge
+    from .fetch import cache_dir
+
+    # the host's forge: the wheel the builder must reproduce, bit for bit
+    result = forge(version, out / "dist", index_url=index_url)
+    manifest = json.loads(result.manifest.read_text())
+    source, revision, commit_time = git_provenance(context)
+    env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    timestamp = int(env_epoch) if env_epoch else commit_time if commit_time else int(manifest["source_date_epoch"])
+    build_args = {
+        "FORGED_WHEEL_SHA256": manifest["output"]["sha256"],
+        "WHEEL_SOURCE_DATE_EPOCH": str(manifest["source_date_epoch"]),
+        "VLLM_FORGE_STAMP": wheel_stamp(result.wheel),
+        "VLLM_FORGE_REVISION": revision,
+        "VLLM_FORGE_SOURCE": source,
+    }
+    if builder_image:
+        build_args["BUILDER_IMAGE"] = builder_image
+    if runtime_image:
+        build_args["RUNTIME_IMAGE"] = runtime_image
+    if index_url:
+        build_args["PIP_INDEX_URL"] = index_url
+    ca = ca_bundle or default_ca_bundle()
+    if isolation is None and chosen != "docker" and not os.environ.get("BUILDAH_ISOLATION"):
+        isolation = "chroot"  # runs where no OCI runtime can (no nested namespaces/cgroups needed)
+    image_tag = tag or f"localhost/vllm-forge/vllm:{rendered.version.replace('+', '-')}"
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-wheels-", dir=out) as wheels:
+        link_or_copy(cache_dir() / "dl" / rendered.base_wheel, Path(wheels) / rendered.base_wheel)
+        spec = ImageBuild(chosen, rendered.dockerfile, context, image_tag, build_args, {"wheels": Path(wheels)},
+                          {"ca-bundle": ca} if ca else {}, timestamp, isolation)
+        cmd = engine_command(spec)
+        when = datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+        print(f"building {image_tag} with {chosen} (timestamp {timestamp} = {when}"
+              f"{', CA bundle ' + str(ca) if ca else ''})", file=sys.stderr)
+        before = scratch_containers(chosen)
+        try:
+            r = subprocess.run(cmd)
+        finally:
+            remove_leaked_containers(chosen, before)
+    if r.returncode != 0:
+        raise ForgeError(f"{chosen} build failed (exit {r.returncode})", "see the build output above")
+    print(f"built {image_tag}", file=sys.stderr)
+    return rendered.dockerfile
+
+
+def scratch_containers(engine: str) -> set[str]:
+    """buildah's working containers of `scratch` (buildah 1.28 leaves one behind per empty stage)."""
+    if engine != "buildah":
+        return set()
+    r = subprocess.run(["buildah", "containers", "--format", "{{.ContainerID}} {{.ImageName}}"],
+                       capture_output=True, text=True)
+    return {ln.split()[0] for ln in r.stdout.splitlines() if ln.split()[1:] == ["scratch"]}
+
+
+def remove_leaked_containers(engine: str, before: set[str]) -> None:
+    leaked = sorted(scratch_containers(engine) - before)
+    if leaked:
+        subprocess.run(["buildah", "rm", *leaked], capture_output=True)

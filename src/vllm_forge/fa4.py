@@ -252,6 +252,19 @@ def cmake_exe() -> str:
     return found
 
 
+def generator_args() -> list[str]:
+    """Ninja (the `ninja` package, a dependency, else one on PATH) as CMake's generator: configuring
+    needs a build program even though only an install component runs, and minimal systems (a
+    container's builder stage) have no make. Without ninja, CMake's default generator."""
+    try:
+        from ninja import BIN_DIR  # type: ignore[import-untyped]
+        found = shutil.which("ninja", path=BIN_DIR)
+    except ImportError:
+        found = None
+    found = found or shutil.which("ninja")
+    return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={found}"] if found else []
+
+
 def cmake_install_fa4(src_root: Path, work: Path, commit: str | None = None) -> Tree:
     """Run the project's CMake FA4 component on a flash-attention tree; return the result."""
     build, prefix = work / "cmake-build", work / "cmake-install"
@@ -260,7 +273,7 @@ def cmake_install_fa4(src_root: Path, work: Path, commit: str | None = None) -> 
     env = {**os.environ, "VLLM_FLASH_ATTN_SRC_DIR": str(src_root)}
     cmake = cmake_exe()
     for cmd in (
-        [cmake, "-S", str(data_dir()), "-B", str(build), "-DVLLM_FORGE_FA4=ON",
+        [cmake, "-S", str(data_dir()), "-B", str(build), *generator_args(), "-DVLLM_FORGE_FA4=ON",
          *([f"-DVLLM_FORGE_FA_COMMIT={commit}"] if commit else [])],
         [cmake, "--install", str(build), "--component", FA4_COMPONENT, "--prefix", str(prefix)],
     ):

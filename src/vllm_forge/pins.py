@@ -113,7 +113,7 @@ class Pins:
     index_project: str
     vllm: dict[str, VllmPin]
     fa: FaPin
-    cuda_image_tag: str  # the Docker base images' CUDA (docker/Dockerfile.in)
+    docker_images: tuple[str, str]  # default builder and runtime base images (docker/Dockerfile.in)
 
     def for_version(self, version: str, servable: bool = True) -> VllmPin:
         try:
@@ -192,7 +192,7 @@ def load_pins(path: Path | None = None) -> Pins:
                 wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
                 fa4_wheel=Fa4Wheel(**{**fa["fa4_wheel"], "requires": tuple(fa["fa4_wheel"]["requires"])}),
             ),
-            cuda_image_tag=raw["docker"]["cuda_image_tag"],
+            docker_images=(raw["docker"]["builder_image"], raw["docker"]["runtime_image"]),
         )
         _check(pins)
         return pins
