@@ -65,11 +65,18 @@ class FaTarget:
         return self.commit[:7]
 
 
+def as_target(pin: FaPin | FaTarget) -> FaTarget:
+    """pins.json's backport FA pin as a target (its mirror: the vLLM wheel that ships it)."""
+    if isinstance(pin, FaTarget):
+        return pin
+    return FaTarget(pin.commit, pin.cute_tree_sha256, pin.git_repository, pin.wheel_mirror)
+
+
 def fa_target(pins: Pins, vpin: VllmPin, local_wheel: Path | None = None) -> FaTarget:
     """backport: pins.json's FA pin (mirror: the vLLM wheel that ships it); tune: the release's own
     pin, whose first mirror is the release wheel itself."""
     if vpin.plan == "backport":
-        return FaTarget(pins.fa.commit, pins.fa.cute_tree_sha256, pins.fa.git_repository, pins.fa.wheel_mirror)
+        return as_target(pins.fa)
     mirror = WheelMirror(vpin.version, vpin.wheel, vpin.wheel_sha256, WHEEL_CUTE + "/")
     return FaTarget(vpin.flash_attention_commit, vpin.cute_tree_sha256, pins.fa.git_repository, mirror, local_wheel)
 
@@ -198,8 +205,8 @@ def _git_error(e: git.GitCommandError) -> str:
 
 def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) -> tuple[Tree, str]:
     """The cute files of the vLLM wheel that ships the pin, un-rewritten to upstream form."""
-    wm = pin.wheel_mirror if isinstance(pin, FaPin) else pin.wheel
-    local = None if isinstance(pin, FaPin) else pin.local_wheel
+    target = as_target(pin)
+    wm, local = target.wheel, target.local_wheel
     cached = cache_dir() / "dl" / wm.wheel
     fetched = ""
     if local is None and cached.is_file() and sha256_file(cached) != wm.wheel_sha256:
@@ -309,8 +316,7 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
                     fa_src: str | None = None, patch_dir: Path | None = None) -> Fa4Sources:
     """The pinned FA4 tree, verified, with the patch series applied: patch_dir, else the pin's
     own series from patches/flash-attention/manifest.json (none: the pin as it is)."""
-    if isinstance(pin, FaPin):
-        pin = FaTarget(pin.commit, pin.cute_tree_sha256, pin.git_repository, pin.wheel_mirror)
+    pin = as_target(pin)
     if patch_dir is not None and not patch_dir.is_dir():
         raise ForgeError(f"flash-attention patch directory {patch_dir} does not exist",
                          "check --fa-patches (a directory with *.patch files and an optional series)")
