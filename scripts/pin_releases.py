@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pin vLLM releases from the package index: wheel, sdist, flash-attention pin, FA4 tree.
 
-  python scripts/pin_releases.py [--versions 0.19.1 0.22.0 ...] [--out /work/facts] [--index-url URL]
+  python scripts/pin_releases.py [--versions 0.19.1 0.22.0 ...] [--out build/releases] [--index-url URL]
 
 For each release: the x86_64 abi3 wheel pip would install (highest build tag), the sdist; from the
 sdist the flash-attention GIT_TAG, the torch pin and FA4's requirement lines; from the wheel (HTTP
@@ -214,7 +214,7 @@ def table(releases: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--versions", nargs="+", default=VERSIONS)
-    ap.add_argument("--out", type=Path, default=Path("/work/facts"))
+    ap.add_argument("--out", type=Path, default=Path("build/releases"))
     ap.add_argument("--index-url")
     args = ap.parse_args()
     index = Index(args.index_url)
