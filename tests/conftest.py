@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from functools import cache
@@ -76,6 +77,24 @@ def forged_for_behaviour(request: pytest.FixtureRequest, tmp_path_factory: pytes
         return request.getfixturevalue("forged")  # type: ignore[no-any-return]
     real_wheel(version)
     return build(version, tmp_path_factory.mktemp(f"forged-{version}-{mode}"), fa4_mode=mode, gemma4_fa4=gemma4)
+
+
+DATA_ITEMS = ("CMakeLists.txt", "pins.json", "cmake", "patches", "vllm_overlay", "docker")  # as installed
+
+
+def copy_data(dest: Path, *items: str) -> Path:
+    """A writable copy of the tool's data (what VLLM_FORGE_DATA_DIR may point at): all of it, or
+    pins.json and the named parts."""
+    from vllm_forge.pins import data_dir
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ("pins.json", *items) if items else DATA_ITEMS:
+        src = data_dir() / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item)
+        else:
+            shutil.copy(src, dest / item)
+    return dest
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

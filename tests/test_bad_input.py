@@ -8,12 +8,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import real_wheel, run_cli
+from conftest import copy_data, real_wheel, run_cli
 
 from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import CUTE
 from vllm_forge.overlay import load_overlay
-from vllm_forge.pins import data_dir
 
 
 def refused(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -56,7 +55,7 @@ def test_unknown_version(tmp_path: Path) -> None:
 def test_drifted_base_file_real_release(tmp_path: Path) -> None:
     """vLLM 0.18.1's flash_attn.py differs from 0.19.x: the 0.19 overlay must refuse it."""
     data = tmp_path / "data"
-    shutil.copytree(data_dir(), data, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "src", "dist"))
+    copy_data(data)
     pins = json.loads((data / "pins.json").read_text())
     pins["vllm"]["0.18.1"] = {**pins["vllm"]["0.19.1"],
                               "wheel": "vllm-0.18.1-cp38-abi3-manylinux_2_31_x86_64.whl",

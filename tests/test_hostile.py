@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import copy_data, run_cli
 from loopback import Served, loopback_index
 
 from vllm_forge.build import BuildResult
@@ -48,10 +48,7 @@ def listing(d: Path) -> list[str]:
 
 
 def data_copy(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    shutil.copytree(data_dir(), data, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "src", "dist",
-                                                                   "build", "docs", "scripts"))
-    return data
+    return copy_data(tmp_path / "data")
 
 
 # --- 1. a cold cache must not break setuptools (the behaviour tests' torch import) -----------------

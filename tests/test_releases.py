@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import real_wheel, run_cli
+from conftest import copy_data, real_wheel, run_cli
 
 from vllm_forge.build import build
 from vllm_forge.errors import ForgeError
@@ -93,7 +93,7 @@ def test_newest_release(tmp_path: Path) -> None:
 
 def test_unvalidated_series_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    shutil.copytree(data_dir(), data, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "src", "dist"))
+    copy_data(data)
     manifest = json.loads((data / "patches/flash-attention/manifest.json").read_text())
     tree = load_pins().vllm["0.22.1"].cute_tree_sha256
     manifest["series"][tree]["validation"] = None
@@ -138,11 +138,7 @@ def test_backport_layers_refused_for_tune(tmp_path: Path) -> None:
 
 @pytest.fixture
 def data_copy(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    shutil.copy(data_dir() / "pins.json", data)
-    shutil.copytree(data_dir() / "patches", data / "patches")
-    return data
+    return copy_data(tmp_path / "data", "patches")
 
 
 def _drop_series(data: Path, pin7: str) -> None:

@@ -13,12 +13,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import real_wheel, run_cli
+from conftest import copy_data, real_wheel, run_cli
 
 from vllm_forge.build import build
 from vllm_forge.errors import ForgeError
 from vllm_forge.overlay import load_overlay
-from vllm_forge.pins import data_dir, load_pins
+from vllm_forge.pins import load_pins
 from vllm_forge.refresh import refresh
 from vllm_forge.verify import verify_wheel
 
@@ -48,7 +48,7 @@ def test_0_19_0_reuses_0_19_1_overlay_by_hash() -> None:
 def test_0_22_0_recognised_by_content(tmp_path: Path) -> None:
     """A release that carries PR #38835, pinned by mistake as `backport`, is refused by its content."""
     data = tmp_path / "data"
-    shutil.copytree(data_dir(), data, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "src", "dist"))
+    copy_data(data)
     pins = json.loads((data / "pins.json").read_text())
     pins["vllm"]["0.22.0"].update(plan="backport", overlay="fa4-sm90-hd512")
     (data / "pins.json").write_text(json.dumps(pins))
@@ -79,11 +79,7 @@ def test_behaviour_of_other_wheels(version: str, mode: str, select: str | None, 
 
 @pytest.fixture
 def data_copy(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    shutil.copy(data_dir() / "pins.json", data)
-    shutil.copytree(data_dir() / "vllm_overlay", data / "vllm_overlay")
-    return data
+    return copy_data(tmp_path / "data", "vllm_overlay")
 
 
 def test_refresh_0_19_1_to_0_18_1_reproduces_committed_overlay(data_copy: Path) -> None:
