@@ -45,7 +45,15 @@ LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_series.lock"
 
 def child(side: str, checks: bool) -> dict[str, Any]:
     import torch
-    from gpu_common import causal_flops, kv_bytes, make_paged, paged_varlen, reference, rel_l2, stub_compiled_fa
+    from gpu_common import (
+        causal_flops,
+        kv_bytes,
+        make_paged,
+        paged_varlen,
+        reference,
+        rel_l2,
+        stub_compiled_fa,
+    )
 
     stub_compiled_fa()
     import vllm.vllm_flash_attn.flash_attn_interface as fi
@@ -141,7 +149,13 @@ def child_ab() -> dict[str, Any]:
     """Both sides in one process (the pin's tree renamed to the package `vllmb`), each table case
     timed A/B/A/B/A/B: a difference between two processes' timings cannot hide in there."""
     import torch
-    from gpu_common import causal_flops, kv_bytes, make_paged, paged_varlen, stub_compiled_fa
+    from gpu_common import (
+        causal_flops,
+        kv_bytes,
+        make_paged,
+        paged_varlen,
+        stub_compiled_fa,
+    )
 
     stub_compiled_fa()
     for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
 
+from gpu_bundle import tar_xz  # the GPU-proof bundle's packer (same directory)
 from packaging.utils import canonicalize_name
 
 from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
@@ -45,14 +44,6 @@ CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c
                    r"cuda-(python|bindings|core|pathfinder)|nvidia-cuda-nvdisasm)$", re.I)
 CARRY_LIMIT = 58 << 20  # a device call carries 64 MiB with the working tree
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
-
-
-def tar_xz(dest: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(dest, "w:xz", preset=9) as tf:
-        for name in sorted(members):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(members[name]), 0o644
-            tf.addfile(info, io.BytesIO(members[name]))
 
 
 def default_releases() -> list[str]:
