@@ -17,6 +17,7 @@ import io
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path
@@ -163,7 +164,8 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, progress:
 
 def assemble(base: Path, out_tmp: Path, *, label: str,
              drop_prefixes: tuple[str, ...], replace: dict[str, bytes], add: dict[str, bytes],
-             requires: list[str], stamp: tuple[str, bytes], epoch: int) -> Forged:
+             requires: list[str], stamp: tuple[str, bytes], epoch: int,
+             dist_info_edits: dict[str, Callable[[str], str]] | None = None) -> Forged:
     """Write the forged wheel to out_tmp. Members under drop_prefixes and in replace are
     not copied; replace + add are written anew; dist-info is renamed, METADATA merged, RECORD
     regenerated. The caller checks the base's sha256 (build hashes it in parallel)."""
@@ -224,9 +226,16 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
                 out.write(name, add[name])
             meta = merge_requires(zin.read(f"{di}/METADATA").decode(), names.version, requires)
             out.write(f"{names.dist_info}/METADATA", meta.encode())
+            edits = dict(dist_info_edits or {})
             for info in zin.infolist():
-                if info.filename.startswith(di + "/") and info.filename.rsplit("/", 1)[1] not in ("METADATA", "RECORD"):
-                    out.write(names.dist_info + info.filename[len(di):], zin.read(info))
+                leaf = info.filename[len(di) + 1:]
+                if info.filename.startswith(di + "/") and leaf not in ("METADATA", "RECORD"):
+                    data = zin.read(info)
+                    if leaf in edits:
+                        data = edits.pop(leaf)(data.decode()).encode()
+                    out.write(f"{names.dist_info}/{leaf}", data)
+            for leaf, edit in sorted(edits.items()):  # files the base lacks
+                out.write(f"{names.dist_info}/{leaf}", edit("").encode())
             out.write(f"{names.dist_info}/{stamp[0]}", stamp[1])
             out.write_record(f"{names.dist_info}/RECORD")
     return names

@@ -20,6 +20,8 @@ from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, check_digest, evict, sha256_file
 from .output import check_output_dir, publish, source_date_epoch, staged_output
 from .overlay import Stack, load_stack, sha256
+from .runtime import MODULE as RUNTIME_MODULE
+from .runtime import add_entry_point, runtime_source, runtime_stamp
 from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .series import series_for, series_hash
 from .verify import STAMP, Report, verify_wheel
@@ -34,7 +36,7 @@ class BuildResult:
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
           fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False,
-          allow_unvalidated: bool = False) -> BuildResult:
+          allow_unvalidated: bool = False, runtime: bool = True) -> BuildResult:
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
@@ -64,13 +66,13 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     try:
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, base_origin, out_dir, index, fa_src, fa_patch_dir,
-            from_cache=base_origin.startswith("cache "))
+            from_cache=base_origin.startswith("cache "), runtime=runtime)
     except _CorruptCache:  # the cache repairs itself: evict, download, verify, forge again
         evict(base)
         base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, f"index {index().url}{project}/", out_dir, index,
-            fa_src, fa_patch_dir, from_cache=False)
+            fa_src, fa_patch_dir, from_cache=False, runtime=runtime)
     print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     for check in report.checks:
         print(f"  ok: {check}", file=sys.stderr)
@@ -83,7 +85,7 @@ class _CorruptCache(Exception):
 
 def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: bool, base: Path, base_origin: str,
            out_dir: Path, index: Callable[[], Index], fa_src: str | None, fa_patch_dir: Path | None,
-           from_cache: bool) -> tuple[Path, Path, Report]:
+           from_cache: bool, runtime: bool = True) -> tuple[Path, Path, Report]:
     project = pins.index_project
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
             ThreadPoolExecutor(2) as pool:
@@ -93,6 +95,7 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
             base_files, base_stamp = read_base(base, vpin.version, stack.paths)
             overlaid, done = stack.apply(base_files)
             adds = stack.adds()
+            rt_source = runtime_source() if runtime else None
             fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
             epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
             stamp = {
@@ -111,6 +114,7 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                     "adds": {p: sha256(d) for p, d in sorted(adds.items())},
                 },
                 "source_date_epoch": epoch,
+                "runtime": runtime_stamp(rt_source) if rt_source is not None else None,
             }
             tmp_wheel = temp(".whl.part")
             bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
@@ -120,10 +124,12 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                         list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
             series = series_hash([p.sha256 for p in fa.patches]) if fa.patches else ""
             forged = assemble(
-                base, tmp_wheel, label=version_label(target.short, fa4_mode, gemma4_fa4, series),
-                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid, add={**adds, **bundled},
+                base, tmp_wheel, label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
+                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid,
+                add={**adds, **bundled, **({RUNTIME_MODULE: rt_source} if rt_source is not None else {})},
                 requires=requires,
-                stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch)
+                stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch,
+                dist_info_edits={"entry_points.txt": add_entry_point} if runtime else None)
             final = out_dir / forged.filename
             out_digest = pool.submit(sha256_file, tmp_wheel)
             check_digest(base_digest.result(), vpin.wheel_sha256, f"base wheel {base}",

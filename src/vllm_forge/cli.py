@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
     b.add_argument("--allow-unvalidated", action="store_true",
                    help="tune releases: ship a flash-attention series that has no GPU validation record")
+    b.add_argument("--no-runtime", dest="runtime", action="store_false",
+                   help="leave out the runtime layer (FA4 kernel cache, start-up compile, 64-token pages "
+                        "for head > 256 on SM90); the version label gets .nort")
 
     v = sub.add_parser("verify", help="static checks of a forged wheel")
     v.add_argument("wheel", type=Path)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4, args.gemma4_fa4, args.allow_unvalidated)
+                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel

@@ -39,14 +39,16 @@ def layers_for(overlay: str, fa4_mode: str, gemma4_fa4: bool) -> list[str]:
 PLANS = ("backport", "tune")
 
 
-def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False, series: str = "") -> str:
-    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4].
+def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False, series: str = "",
+                  runtime: bool = True) -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4][.nort].
 
     series: the short hash of the flash-attention patch series (patching.series_hash), so a
-    build with another series or pin never gets the name of the default one."""
+    build with another series or pin never gets the name of the default one; .nort: built
+    without the runtime layer (--no-runtime)."""
     label = f"fa4.{short}" + (f".p{series}" if series else "")
     label += "" if fa4_mode == "bundled" else f".{fa4_mode}"
-    return label + (".gemma4" if gemma4_fa4 else "")
+    return label + (".gemma4" if gemma4_fa4 else "") + ("" if runtime else ".nort")
 
 
 @dataclass(frozen=True)

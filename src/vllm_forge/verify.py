@@ -18,6 +18,8 @@ from .fa4 import WHEEL_CUTE, fa_target, tree_sha256, zip_tree
 from .overlay import load_stack
 from .patching import read_series
 from .pins import GEMMA4_LAYER, Pins, load_pins, version_label
+from .runtime import MODULE as RUNTIME_MODULE
+from .runtime import has_entry_point, runtime_source, runtime_stamp
 from .series import series_for, series_hash
 
 STAMP = "vllm_forge.json"
@@ -68,8 +70,9 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         mode = stamp.get("fa4_mode", "bundled")
         s_fa = stamp["flash_attention"]
         series = series_hash([p["sha256"] for p in s_fa["patches"]]) if s_fa["patches"] else ""
+        rt = stamp.get("runtime")
         expect = (f"{vpin.version}+"
-                  f"{version_label(target.short, mode, GEMMA4_LAYER in stamp['overlay']['layers'], series)}")
+                  f"{version_label(target.short, mode, GEMMA4_LAYER in stamp['overlay']['layers'], series, bool(rt))}")
         if str(version) != expect or s_fa["commit"] != target.commit:
             raise _fail(path, f"version {version} / FA commit {s_fa['commit'][:12]} "
                               f"do not match the pins ({expect})")
@@ -88,7 +91,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         if missing or extra:
             raise _fail(path, f"RECORD does not list {missing[:3]} / lists absent {extra[:3]}")
         stack = load_stack(stamp["overlay"]["layers"])
-        overlaid = set(stack.paths) | set(stamp["overlay"]["adds"])
+        overlaid = set(stack.paths) | set(stamp["overlay"]["adds"]) | ({RUNTIME_MODULE} if rt else set())
         written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in overlaid]
         for n in written:
             if n == record_name:
@@ -136,6 +139,19 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         report.ok(f"overlay {' + '.join(stack.ids)}: {len(stack.paths)} files match their result sha256"
                   + (f", {len(stack.adds())} added" if stack.adds() else "") if stack.ids
                   else "overlay: none (tune: the release carries PR #38835)")
+
+        # runtime layer
+        if rt:
+            if rt != runtime_stamp(runtime_source()):
+                raise _fail(path, f"runtime layer {rt['sha256'][:12]} is not this vllm-forge's {RUNTIME_MODULE}")
+            if RUNTIME_MODULE not in members or hashlib.sha256(zf.read(RUNTIME_MODULE)).hexdigest() != rt["sha256"]:
+                raise _fail(path, f"{RUNTIME_MODULE} is missing or differs from the stamp")
+            eps = f"{di}/entry_points.txt"
+            if eps not in members or not has_entry_point(zf.read(eps).decode()):
+                raise _fail(path, f"{eps} lacks the runtime plugin entry point {rt['entry_point']}")
+            report.ok(f"runtime layer {RUNTIME_MODULE} ({rt['sha256'][:12]}) + entry point {rt['entry_point']}")
+        elif RUNTIME_MODULE in members:
+            raise _fail(path, f"{RUNTIME_MODULE} present but not stamped")
 
         # metadata
         meta = zf.read(f"{di}/METADATA").decode()

@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""End to end through vLLM's own engine on the GPU machine: a Gemma-4-shaped model with random
+weights, stock vLLM against the forged wheel of the same release, each configuration in its own
+process, same prompts (docs/e2e.md has the transfer, the command and one run's numbers).
+
+  python3 scripts/gpu_e2e.py run --stock DIR --forged DIR [--only NAME,...] [--layers 6]
+  python3 scripts/gpu_e2e.py report RESULT.json...       (tables from saved results)
+
+DIR holds an installed vLLM (its `vllm/` and dist-info); vLLM's other dependencies are on
+PYTHONPATH. Results, logs and the tables go to $OUT.
+
+The checkpoint: transformers' Gemma4TextConfig with Gemma-4-31B's attention and MLP shapes
+(scripts/data/gemma4-31b-shape.json), few layers in the model's own 5:1 sliding:global pattern, a
+small vocabulary; random bf16 weights (seeded) written as safetensors once and loaded by every
+configuration. Prompts are token ids (no tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = Path(os.environ.get("OUT", "out"))
+SHAPE = HERE / "data" / "gemma4-31b-shape.json"
+
+PREFILL = (32, 8192)      # prompts x tokens, 1 output token
+DECODE = (64, 1024, 256)  # prompts x tokens, output tokens
+TTFT_LEN = 8192
+GREEDY_N = 8              # prompts of the decode set whose tokens/logprobs are compared
+
+# name -> (tree, attention backend, block size or None for the default, extra environment)
+CONFIGS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
+    "stock-default": ("stock", "FLASH_ATTN", None, {}),
+    "forged-b16": ("forged", "FLASH_ATTN", 16, {}),
+    "stock-b64": ("stock", "FLASH_ATTN", 64, {}),
+    "forged-b64": ("forged", "FLASH_ATTN", 64, {}),
+    "forged-default": ("forged", "FLASH_ATTN", None, {}),           # cold FA4 kernel cache
+    "forged-default-cached": ("forged", "FLASH_ATTN", None, {}),    # same cache, now warm
+    "forged-default-noruntime": ("forged", "FLASH_ATTN", None, {"VLLM_FORGE_RUNTIME": "0"}),
+    "triton": ("stock", "TRITON_ATTN", None, {}),
+}
+
+
+# ------------------------------------------------------------------ checkpoint
+def make_checkpoint(dest: Path, layers: int, vocab: int, device: str = "cuda") -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma4TextConfig, Gemma4ForCausalLM
+
+    shape = json.loads(SHAPE.read_text())
+    kw = {k: v for k, v in shape.items() if not k.startswith("_")}
+    pattern = kw.pop("sliding_window_pattern")
+    kw["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    cfg = Gemma4TextConfig(num_hidden_layers=layers, vocab_size=vocab, vocab_size_per_layer_input=vocab,
+                           torch_dtype="bfloat16", architectures=["Gemma4ForCausalLM"], **kw)
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(cfg)
+    g = torch.Generator(device=device).manual_seed(1234)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if p.dim() < 2:  # norm weights (Gemma-4 multiplies by w, initialised to 1), layer scalars
+            t = torch.ones(p.shape, dtype=torch.bfloat16, device=device)
+        else:
+            t = torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=g)
+        tensors[name] = t.cpu()
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(dest)
+    return {"params": sum(t.numel() for t in tensors.values()), "layer_types": kw["layer_types"],
+            "config": json.loads((dest / "config.json").read_text())}
+
+
+# ------------------------------------------------------------------ one configuration (child)
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+    r = random.Random(seed)
+    return [[r.randrange(16, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def _layers(llm) -> dict:
+    """What vLLM really used per attention layer: backend, FA version, page size of its KV cache."""
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    out = {}
+    for name, layer in ctx.items():
+        impl = getattr(layer, "impl", None)
+        kv = getattr(layer, "kv_cache", None)
+        kv = kv[0] if isinstance(kv, (list, tuple)) and kv else kv
+        out[name] = {"impl": type(impl).__name__, "head_size": getattr(impl, "head_size", None),
+                     "fa_version": getattr(impl, "vllm_flash_attn_version", None),
+                     "kv_cache_shape": list(kv.shape) if kv is not None and hasattr(kv, "shape") else None}
+    return out
+
+
+def _attention_share(llm, prompts, sp) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, sp, use_tqdm=False)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((e.key, t, e.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(t for _, t, _ in rows)
+    def is_attn(k: str) -> bool:
+        kl = k.lower()
+        return "flash" in kl or "fmha" in kl or "attn" in kl or "attention" in kl
+    attn = sum(t for k, t, _ in rows if is_attn(k))
+    return {"kernel_time_ms": total / 1e3, "attention_ms": attn / 1e3, "attention_share": attn / total if total else 0,
+            "top": [{"kernel": k[:160], "ms": t / 1e3, "calls": c, "attention": is_attn(k)} for k, t, c in rows[:15]]}
+
+
+def child(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    tree, backend, block, _ = CONFIGS[args.name]
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t_import = time.perf_counter() - t_start
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    kw = dict(model=args.model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=TTFT_LEN + 256,
+              gpu_memory_utilization=0.85, enable_prefix_caching=False, max_num_seqs=64,
+              max_num_batched_tokens=16384, seed=0, attention_config={"backend": backend})
+    if block is not None:
+        kw["block_size"] = block
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    engine_s = time.perf_counter() - t0
+    res: dict = {"name": args.name, "tree": tree, "backend": backend, "block_size_arg": block,
+                 "import_s": t_import, "engine_start_s": engine_s}
+    cfg = llm.llm_engine.vllm_config
+    res["block_size"] = cfg.cache_config.block_size
+    res["layers"] = _layers(llm)
+    import vllm
+    res["vllm"] = vllm.__version__
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    P = lambda ps: [TokensPrompt(prompt_token_ids=p) for p in ps]  # noqa: E731
+    # first request after start-up, then a warm one of the same shape (other tokens)
+    first, warm = _prompts(2, TTFT_LEN, vocab, seed=7)
+    t = time.perf_counter(); llm.generate(P([first]), one, use_tqdm=False); res["ttft_first_s"] = time.perf_counter() - t
+    t = time.perf_counter(); llm.generate(P([warm]), one, use_tqdm=False); res["ttft_warm_s"] = time.perf_counter() - t
+    res["start_to_first_token_s"] = time.perf_counter() - t_start - res["ttft_warm_s"]
+    # prefill-heavy
+    pre = P(_prompts(*PREFILL, vocab, seed=11))
+    llm.generate(pre[:2], one, use_tqdm=False)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter(); llm.generate(pre, one, use_tqdm=False); times.append(time.perf_counter() - t)
+    res["prefill_s"] = min(times)
+    res["prefill_tok_s"] = PREFILL[0] * PREFILL[1] / min(times)
+    # decode-heavy: decode time = (n+1 output tokens) - (1 output token), same prompts
+    n, length, out_tokens = DECODE
+    dec = P(_prompts(n, length, vocab, seed=13))
+    greedy = SamplingParams(max_tokens=out_tokens + 1, temperature=0.0, ignore_eos=True, logprobs=1)
+    t = time.perf_counter(); llm.generate(dec, one, use_tqdm=False); t1 = time.perf_counter() - t
+    t = time.perf_counter(); outs = llm.generate(dec, greedy, use_tqdm=False); tn = time.perf_counter() - t
+    res["decode_s"] = tn - t1
+    res["decode_tok_s"] = n * out_tokens / (tn - t1)
+    res["greedy"] = [{"tokens": list(o.outputs[0].token_ids),
+                      "logprobs": [lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                     for o in outs[:GREEDY_N]]
+    if args.profile:
+        res["profile"] = _attention_share(llm, pre[:4], one)
+    (OUT / f"e2e_{args.name}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("greedy", "layers", "profile")}), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------ orchestration
+def run(args: argparse.Namespace) -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    model = Path(args.work) / "model"
+    if not (model / "model.safetensors").is_file():
+        t = time.perf_counter()
+        info = make_checkpoint(model, args.layers, args.vocab)
+        info["make_s"] = time.perf_counter() - t
+        (OUT / "e2e_model.json").write_text(json.dumps(info, indent=1))
+        print(f"checkpoint: {info['params'] / 1e9:.2f} B params, {info['layer_types']}, {info['make_s']:.0f} s", flush=True)
+    cache = Path(args.work) / "fa4-cache"
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    rc = 0
+    for name in names:
+        tree, _, _, extra = CONFIGS[name]
+        root = {"stock": args.stock, "forged": args.forged}[tree]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_FORGE_FA4_CACHE_DIR": str(cache),
+               "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"), **extra}
+        if name == "forged-default":
+            subprocess.run(["rm", "-rf", str(cache)])
+        cmd = [sys.executable, __file__, "child", name, "--model", str(model)] + (["--profile"] if args.profile else [])
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        with open(OUT / f"e2e_{name}.log", "w") as log:
+            r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        tail = (OUT / f"e2e_{name}.log").read_text().splitlines()
+        print(f"   rc={r.returncode} {time.perf_counter() - t:.0f} s; " + (tail[-1][:600] if tail else ""), flush=True)
+        if r.returncode:
+            rc = 1
+            print("\n".join(tail[-25:]), flush=True)
+        else:
+            for ln in tail:
+                if "vllm-forge:" in ln:
+                    print("   " + ln[-300:], flush=True)
+    report([p for p in sorted(OUT.glob("e2e_*.json")) if p.name != "e2e_model.json"])
+    return rc
+
+
+def _cmp(a: dict, b: dict) -> tuple[float, float]:
+    same = total = 0
+    maxdiff = 0.0
+    for x, y in zip(a["greedy"], b["greedy"]):
+        for i, (tx, ty) in enumerate(zip(x["tokens"], y["tokens"])):
+            total += 1
+            if tx != ty:
+                break  # after the first difference the contexts differ
+            same += 1
+            maxdiff = max(maxdiff, abs(x["logprobs"][i] - y["logprobs"][i]))
+    ntok = sum(len(x["tokens"]) for x in a["greedy"])
+    return same / ntok if ntok else 0.0, maxdiff
+
+
+def report(paths: list[Path]) -> None:
+    rs = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in paths}
+    if not rs:
+        return
+    lines = ["| config | block size (arg → used) | head-512 pages | engine start s | first TTFT s | warm TTFT s | "
+             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rs.items():
+        pages = sorted({lay["kv_cache_shape"][2] for lay in r["layers"].values()
+                        if lay.get("head_size", 0) and lay["head_size"] > 256 and lay["kv_cache_shape"]})
+        lines.append(f"| {name} | {r['block_size_arg'] or 'default'} → {r['block_size']} | "
+                     f"{'/'.join(map(str, pages))} | {r['engine_start_s']:.1f} | {r['ttft_first_s']:.2f} | "
+                     f"{r['ttft_warm_s']:.3f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} |")
+    ratio = []
+    for a, b in (("forged-b16", "stock-default"), ("forged-b64", "stock-b64"), ("forged-default", "stock-default")):
+        if a in rs and b in rs:
+            ratio.append(f"| {a} / {b} | {rs[a]['prefill_tok_s'] / rs[b]['prefill_tok_s']:.3f} | "
+                         f"{rs[a]['decode_tok_s'] / rs[b]['decode_tok_s']:.3f} |")
+    if ratio:
+        lines += ["", "| ratio | prefill | decode |", "|---|---|---|", *ratio]
+    cmp = []
+    for a, b in (("forged-b16", "stock-default"), ("forged-default", "stock-default"), ("stock-default", "triton"),
+                 ("forged-default", "triton"), ("forged-b64", "stock-b64")):
+        if a in rs and b in rs:
+            same, maxdiff = _cmp(rs[a], rs[b])
+            cmp.append(f"| {a} vs {b} | {same:.3f} | {maxdiff:.4f} |")
+    if cmp:
+        lines += ["", f"| greedy ({GREEDY_N} prompts × {DECODE[2] + 1} tokens) | identical-prefix token share | "
+                  "max logprob diff on it |", "|---|---|---|", *cmp]
+    prof = [(n, r["profile"]) for n, r in rs.items() if r.get("profile")]
+    if prof:
+        lines += ["", "| config | prefill step kernel time ms | attention ms | attention share |", "|---|---|---|---|"]
+        lines += [f"| {n} | {p['kernel_time_ms']:.1f} | {p['attention_ms']:.1f} | {p['attention_share']:.3f} |"
+                  for n, p in prof]
+    text = "\n".join(lines) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "e2e.md").write_text(text)
+    print(text, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--stock", required=True)
+    r.add_argument("--forged", required=True)
+    r.add_argument("--work", default="/tmp/e2e/work")
+    r.add_argument("--only")
+    r.add_argument("--layers", type=int, default=6)
+    r.add_argument("--vocab", type=int, default=16384)
+    r.add_argument("--profile", action="store_true")
+    r.add_argument("--timeout", type=int, default=420)
+    c = sub.add_parser("child")
+    c.add_argument("name", choices=list(CONFIGS))
+    c.add_argument("--model", required=True)
+    c.add_argument("--profile", action="store_true")
+    p = sub.add_parser("report")
+    p.add_argument("results", nargs="+", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "child":
+        OUT.mkdir(parents=True, exist_ok=True)
+        return child(args)
+    if args.cmd == "report":
+        report(args.results)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""vllm-forge runtime layer of a forged vLLM wheel (installed as ``vllm/_forge_runtime.py``).
+
+vLLM loads it in every process as a general plugin (entry point ``vllm.general_plugins`` →
+``forge``; ``VLLM_PLUGINS`` filters plugins by name as usual). It changes three serving defaults
+for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
+
+1. **FA4 kernel cache on disk** (FA4's own ``cache_utils``: ``FLASH_ATTENTION_CUTE_DSL_CACHE_*``),
+   under ``<root>/<device key>/<FA4 fingerprint>/``. FA4's fingerprint covers its sources, the
+   cutlass-dsl and tvm-ffi versions and Python; the device key adds the GPU (name, compute
+   capability), torch and its CUDA, so another FA tree, cutlass-dsl or GPU never loads a stale
+   kernel. Root: ``VLLM_FORGE_FA4_CACHE_DIR``, else ``$VLLM_CACHE_ROOT/fa4``, else
+   ``~/.cache/vllm/fa4``. ``VLLM_FORGE_FA4_CACHE=0`` turns it off; a user-set
+   ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED`` wins.
+2. **FA4 variants compiled at start-up**: before vLLM's own warm-up and CUDA-graph capture, every
+   FA4 attention layer shape is called once per kernel variant that serving can reach (prefill and
+   decode; split-KV off and on; the split-KV combine at each specialisation 16/32/64/128), on the
+   layer's real KV-cache tensors, so no request pays a compile (or a cache load).
+   ``VLLM_FORGE_FA4_WARMUP=0`` turns it off.
+3. **64-token pages for FA4 head > 256 on SM90**: FA4 loads K/V by TMA only when the page equals
+   its 64-row tile; with 16-token pages it falls back to cp.async (~30% slower at head 512). When
+   the user did not choose ``--block-size``, the block size becomes the one that gives those layers
+   64-token pages after vLLM unifies page sizes across layer groups (Gemma-4: 32, so that its
+   head-512 global layers, half the per-token bytes of its head-256 sliding layers, get 64).
+   ``VLLM_FORGE_FA4_PAGE64=0`` or an explicit ``--block-size`` keeps vLLM's choice.
+
+``VLLM_FORGE_RUNTIME=0`` turns the whole layer off. Hooks that a release lacks are skipped with a
+log line; nothing here is needed for correctness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger("vllm.forge_runtime")
+
+PAGE = 64  # FA4 SM90 head-512 tile_n: the page size that keeps TMA loads of K/V
+SPLITS = (1, 2, 32, 64, 128)  # split-KV off, and one per combine specialisation (log2 4..7)
+PREFILL_Q = 129  # more than one 128-row query tile
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "1") != "0"
+
+
+# ---------------------------------------------------------------- 1. kernel cache
+def device_key(name: str, capability: tuple[int, int], torch_version: str, cuda: str | None) -> str:
+    """The part of the cache path FA4's own fingerprint lacks: GPU and torch/CUDA."""
+    raw = f"gpu={name}|sm={capability[0]}{capability[1]}|torch={torch_version}|cuda={cuda}"
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:32]
+    return f"{slug}-sm{capability[0]}{capability[1]}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def cache_root() -> Path:
+    if os.environ.get("VLLM_FORGE_FA4_CACHE_DIR"):
+        return Path(os.environ["VLLM_FORGE_FA4_CACHE_DIR"])
+    if os.environ.get("VLLM_CACHE_ROOT"):
+        return Path(os.environ["VLLM_CACHE_ROOT"]) / "fa4"
+    return Path.home() / ".cache" / "vllm" / "fa4"
+
+
+def _setup_cache() -> None:
+    if not _on("VLLM_FORGE_FA4_CACHE"):
+        logger.info("vllm-forge: FA4 kernel cache off (VLLM_FORGE_FA4_CACHE=0)")
+        return
+    if "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" in os.environ:
+        return  # the user's own setting
+    try:
+        import torch
+        from vllm.platforms import current_platform
+
+        cap = current_platform.get_device_capability()
+        if cap is None:
+            return
+        key = device_key(current_platform.get_device_name(), (cap.major, cap.minor), torch.__version__,
+                         torch.version.cuda)
+    except Exception as e:  # no GPU visible (e.g. the API server process): nothing to key on
+        logger.debug("vllm-forge: FA4 kernel cache not set up: %s", e)
+        return
+    path = cache_root() / key
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(path)
+    # FA4 reads both at import; if it is already imported, set its module values too
+    for mod in [m for n, m in list(sys.modules.items()) if n.endswith("vllm_flash_attn.cute.cache_utils")]:
+        mod.CUTE_DSL_CACHE_ENABLED = True
+        mod.CUTE_DSL_CACHE_DIR = str(path)
+    logger.info("vllm-forge: FA4 kernel cache at %s", path)
+
+
+# ---------------------------------------------------------------- 3. 64-token pages
+def page64_block_size(per_token: dict[str, float], fa4_wide: set[str], multiple: int = 16) -> int | None:
+    """Block size that gives the FA4 head>256 layers PAGE-token pages once vLLM unifies page sizes
+    (a layer with fewer bytes per token gets block_size * max/own tokens per page)."""
+    if not fa4_wide:
+        return None
+    widest = max(per_token.values())
+    sizes = {PAGE * per_token[n] / widest for n in fa4_wide}
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    if size != int(size) or int(size) % multiple or size < multiple:
+        return None
+    return int(size)
+
+
+def _fa4_wide_layers(vllm_config: Any) -> tuple[dict[str, float], set[str], dict[str, Any]]:
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    per_token: dict[str, float] = {}
+    wide: set[str] = set()
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase)  # type: ignore[type-abstract]
+    for name, layer in layers.items():
+        spec = layer.get_kv_cache_spec(vllm_config)
+        if spec is None or not getattr(spec, "block_size", 0):
+            continue
+        per_token[name] = spec.page_size_bytes / spec.block_size
+        impl = getattr(layer, "impl", None)
+        if getattr(impl, "vllm_flash_attn_version", None) == 4 and getattr(impl, "head_size", 0) > 256:
+            wide.add(name)
+    return per_token, wide, layers
+
+
+def _after_block_size(vllm_config: Any) -> None:
+    cache = vllm_config.cache_config
+    if not _on("VLLM_FORGE_FA4_PAGE64"):
+        logger.info("vllm-forge: KV block size %d kept (VLLM_FORGE_FA4_PAGE64=0)", cache.block_size)
+        return
+    from vllm.platforms import current_platform
+
+    cap = current_platform.get_device_capability()
+    if cap is None or cap.major != 9:
+        return
+    per_token, wide, layers = _fa4_wide_layers(vllm_config)
+    if not wide:
+        return
+    if getattr(cache, "user_specified_block_size", False):
+        widest = max(per_token.values())
+        pages = {int(cache.block_size * widest / per_token[n]) for n in wide}
+        logger.info("vllm-forge: --block-size %d chosen by the user: the FA4 head>256 layers get %s-token "
+                    "pages (%d is the fast one)", cache.block_size, "/".join(map(str, sorted(pages))), PAGE)
+        return
+    size = page64_block_size(per_token, wide)
+    if size is None:
+        logger.info("vllm-forge: no block size gives the FA4 head>256 layers %d-token pages; kept %d",
+                    PAGE, cache.block_size)
+        return
+    if size != cache.block_size:
+        impl = getattr(layers[sorted(wide)[0]], "impl", None)
+        logger.info("vllm-forge: KV block size %d -> %d: the %d FA4 layers of head %s (%s q / %s kv heads) "
+                    "get %d-token pages, the tile FA4 loads by TMA on SM90 (VLLM_FORGE_FA4_PAGE64=0 or "
+                    "--block-size keeps vLLM's choice)", cache.block_size, size, len(wide),
+                    getattr(impl, "head_size", "?"), getattr(impl, "num_heads", "?"),
+                    getattr(impl, "num_kv_heads", "?"), PAGE)
+        cache.block_size = size
+
+
+def _patch_platform(module: Any) -> None:
+    platform = getattr(module, "Platform", None)
+    orig = getattr(platform, "update_block_size_for_backend", None)
+    if orig is None or getattr(orig, "_vllm_forge", False):
+        if orig is None:
+            logger.info("vllm-forge: this vLLM has no Platform.update_block_size_for_backend: block size kept")
+        return
+    func = orig.__func__
+
+    def update_block_size_for_backend(cls: Any, vllm_config: Any) -> None:
+        func(cls, vllm_config)
+        try:
+            _after_block_size(vllm_config)
+        except Exception as e:
+            logger.warning("vllm-forge: block-size check failed (%s); vLLM's choice kept", e)
+
+    update_block_size_for_backend._vllm_forge = True  # type: ignore[attr-defined]
+    platform.update_block_size_for_backend = classmethod(update_block_size_for_backend)
+
+
+# ---------------------------------------------------------------- 2. start-up compile
+def _cache_files() -> int:
+    d = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    return sum(1 for _ in Path(d).rglob("*.o")) if d and Path(d).is_dir() else 0
+
+
+def fa4_layer_shapes(static_forward_context: dict[str, Any]) -> dict[tuple, tuple[str, Any, Any]]:
+    """One entry per distinct FA4 call shape: (dtype, page, kv heads, head, q heads, window,
+    softcap, sinks) -> (layer name, impl, kv_cache tensor)."""
+    shapes: dict[tuple, tuple[str, Any, Any]] = {}
+    for name, layer in static_forward_context.items():
+        impl = getattr(layer, "impl", None)
+        if getattr(impl, "vllm_flash_attn_version", None) != 4:
+            continue
+        kv = getattr(layer, "kv_cache", None)
+        kv = kv[0] if isinstance(kv, (list, tuple)) and kv else kv
+        if kv is None or getattr(kv, "dim", lambda: 0)() != 5 or kv.shape[0] != 2 or kv.numel() == 0:
+            continue
+        key = (str(kv.dtype), int(kv.shape[2]), int(kv.shape[3]), int(kv.shape[4]), int(impl.num_heads),
+               tuple(getattr(impl, "sliding_window", None) or (-1, -1)), float(impl.logits_soft_cap or 0),
+               getattr(impl, "sinks", None) is not None)
+        shapes.setdefault(key, (name, impl, kv))
+    return shapes
+
+
+def _warm_one(impl: Any, kv: Any, dtype: Any) -> int:
+    import torch
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    key_cache, value_cache = kv.unbind(0)
+    num_blocks, page = int(key_cache.shape[0]), int(key_cache.shape[1])
+    per_seq = max(1, min(num_blocks // 2, 8192 // page))
+    dev = kv.device
+    table = (torch.arange(2 * per_seq, device=dev, dtype=torch.int32) % num_blocks).view(2, per_seq)
+    seqused = torch.full((2,), per_seq * page, device=dev, dtype=torch.int32)
+    h, d = int(impl.num_heads), int(impl.head_size)
+    calls = 0
+    for q_len in (PREFILL_Q, 1):
+        q_len = min(q_len, per_seq * page)
+        # q as vLLM hands it over: a strided view into a fused qkv buffer
+        qkv = torch.zeros(2 * q_len, (h + 2 * int(impl.num_kv_heads)) * d, device=dev, dtype=dtype)
+        q = qkv[:, : h * d].view(2 * q_len, h, d)
+        out = torch.empty(2 * q_len, h, d, device=dev, dtype=dtype)
+        cu = torch.tensor([0, q_len, 2 * q_len], device=dev, dtype=torch.int32)
+        for splits in SPLITS if q_len == 1 else (0, 1, 2):
+            flash_attn_varlen_func(
+                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=q_len,
+                seqused_k=seqused, max_seqlen_k=per_seq * page, softmax_scale=impl.scale, causal=True,
+                alibi_slopes=getattr(impl, "alibi_slopes", None),
+                window_size=list(getattr(impl, "sliding_window", None) or (-1, -1)),
+                block_table=table, softcap=impl.logits_soft_cap, fa_version=4,
+                num_splits=min(splits, per_seq * page // PAGE) if splits else 0,
+                **({"s_aux": impl.sinks} if getattr(impl, "sinks", None) is not None else {}))
+            calls += 1
+    torch.cuda.synchronize(dev)
+    return calls
+
+
+def fa4_warmup(worker: Any) -> None:
+    if not _on("VLLM_FORGE_FA4_WARMUP"):
+        logger.info("vllm-forge: FA4 start-up compile off (VLLM_FORGE_FA4_WARMUP=0)")
+        return
+    cfg = worker.vllm_config
+    shapes = fa4_layer_shapes(cfg.compilation_config.static_forward_context)
+    if not shapes:
+        return
+    before, t0 = _cache_files(), time.perf_counter()
+    calls = 0
+    for key, (name, impl, kv) in shapes.items():
+        t = time.perf_counter()
+        calls += _warm_one(impl, kv, cfg.model_config.dtype)
+        logger.info("vllm-forge: FA4 warm-up of %s (head %d, %d q / %d kv heads, %d-token pages, window %s, "
+                    "softcap %s): %.1f s", name, key[3], key[4], key[2], key[1], key[5], key[6],
+                    time.perf_counter() - t)
+    new = _cache_files() - before
+    logger.info("vllm-forge: FA4 start-up compile: %d layer shape(s), %d calls, %.1f s; %s",
+                len(shapes), calls, time.perf_counter() - t0,
+                f"{new} kernel(s) compiled and stored in the cache" if os.environ.get(
+                    "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") == "1" else "no on-disk cache")
+
+
+def _patch_worker(module: Any) -> None:
+    worker = getattr(module, "Worker", None)
+    orig = getattr(worker, "compile_or_warm_up_model", None)
+    if orig is None or getattr(orig, "_vllm_forge", False):
+        if orig is None:
+            logger.info("vllm-forge: this vLLM has no Worker.compile_or_warm_up_model: no FA4 start-up compile")
+        return
+
+    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            fa4_warmup(self)
+        except Exception as e:
+            logger.warning("vllm-forge: FA4 start-up compile failed (%s: %s); kernels compile on first use",
+                           type(e).__name__, e)
+        return orig(self, *args, **kwargs)
+
+    compile_or_warm_up_model._vllm_forge = True  # type: ignore[attr-defined]
+    worker.compile_or_warm_up_model = compile_or_warm_up_model
+
+
+# ---------------------------------------------------------------- wiring
+PATCHES: dict[str, Callable[[Any], None]] = {
+    "vllm.platforms.interface": _patch_platform,
+    "vllm.v1.worker.gpu_worker": _patch_worker,
+}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Patches a module right after it is first imported (no import of heavy modules here)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                exec_module = spec.loader.exec_module
+
+                def run(module: Any, _exec: Any = exec_module) -> None:
+                    _exec(module)
+                    _apply(fullname, module)
+
+                spec.loader.exec_module = run  # type: ignore[method-assign]
+                return spec
+        return None
+
+
+def _apply(name: str, module: Any) -> None:
+    try:
+        PATCHES[name](module)
+    except Exception as e:
+        logger.warning("vllm-forge: could not hook %s (%s); vLLM's behaviour kept", name, e)
+
+
+def register() -> None:
+    if not _on("VLLM_FORGE_RUNTIME"):
+        return
+    _setup_cache()
+    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+    for name in PATCHES:
+        if name in sys.modules:
+            _apply(name, sys.modules[name])
