@@ -3,11 +3,12 @@
 weights, stock vLLM against the forged wheel of the same release, each configuration in its own
 process, same prompts (docs/e2e.md has the transfer, the command and one run's numbers).
 
-  python3 scripts/gpu_e2e.py run --stock DIR --forged DIR [--only NAME,...] [--layers 6]
+  python3 scripts/gpu_carry.py recv .device/e2e/batchNN /tmp/e2e/carry     (each carry batch, in order)
+  python3 scripts/gpu_e2e.py setup [--root /tmp/e2e]     (stock/ and forged/ trees, site/ of dependencies)
+  python3 scripts/gpu_e2e.py run [--root /tmp/e2e] [--only NAME,...] [--layers 6] [--profile]
   python3 scripts/gpu_e2e.py report RESULT.json...       (tables from saved results)
 
-DIR holds an installed vLLM (its `vllm/` and dist-info); vLLM's other dependencies are on
-PYTHONPATH. Results, logs and the tables go to $OUT.
+Results, logs and the tables go to $OUT.
 
 The checkpoint: transformers' Gemma4TextConfig with Gemma-4-31B's attention and MLP shapes
 (scripts/data/gemma4-31b-shape.json), few layers in the model's own 5:1 sliding:global pattern, a
@@ -174,12 +175,78 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ setup (from the carried files)
+def _extract_wheel(whl: Path, dest: Path) -> None:
+    """Unpack a wheel as an installer would (purelib/platlib of .data into the root; exec bits
+    kept); wheels share top-level folders (nvidia_cutlass_dsl, opentelemetry), which pip --target
+    would skip."""
+    import zipfile
+    with zipfile.ZipFile(whl) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            if ".data/" in name.split("/", 1)[0] + "/":
+                parts = name.split("/", 2)
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue
+                name = parts[2]
+            if name.endswith("/"):
+                continue
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(info))
+            mode = (info.external_attr >> 16) & 0o777
+            if mode & 0o111:
+                target.chmod(mode)
+
+
+def setup(args: argparse.Namespace) -> int:
+    import shutil
+    import zipfile
+    root, files = Path(args.root), Path(args.root) / "carry" / "files"
+    for d in ("stock", "forged", "site"):
+        shutil.rmtree(root / d, ignore_errors=True)
+    t = time.perf_counter()
+    _extract_wheel(files / "stock.whl", root / "stock")
+    subprocess.run(["cp", "-al", str(root / "stock"), str(root / "forged")], check=True)
+    with zipfile.ZipFile(files / "forged-delta.zip") as zf:
+        for di in (root / "forged").glob("vllm-*.dist-info"):
+            shutil.rmtree(di)
+        for n in zf.read("REMOVED").decode().split():
+            (root / "forged" / n).unlink(missing_ok=True)
+        for n in zf.namelist():
+            if n != "REMOVED":
+                target = root / "forged" / n
+                target.unlink(missing_ok=True)  # a hard link into stock/: replace, never write through
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(n))
+    # the [cu13] libraries after libs-base/core: same paths, theirs win
+    for whl in sorted(files.glob("*.whl"), key=lambda p: ("libs_cu1" in p.name, p.name)):
+        if whl.name != "stock.whl":
+            _extract_wheel(whl, root / "site")
+    print(f"setup: stock, forged and site under {root} in {time.perf_counter() - t:.0f} s", flush=True)
+    return 0
+
+
+def site_path(site: Path) -> list[str]:
+    """site/ plus what its .pth files add (cutlass-dsl's dsl_packages / python_packages)."""
+    paths = [str(site)]
+    for pth in sorted(site.glob("*.pth")):
+        for ln in pth.read_text().splitlines():
+            if ln and not ln.startswith(("#", "import")) and (site / ln).is_dir():
+                paths.append(str((site / ln).resolve()))
+    return paths
+
+
 # ------------------------------------------------------------------ orchestration
 def run(args: argparse.Namespace) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
+    root = Path(args.root)
+    args.stock, args.forged, args.work = str(root / "stock"), str(root / "forged"), str(root / "work")
+    site = site_path(root / "site")
     model = Path(args.work) / "model"
     if not (model / "model.safetensors").is_file():
         t = time.perf_counter()
+        sys.path[:0] = site  # transformers of the release's days (Gemma4TextConfig)
         info = make_checkpoint(model, args.layers, args.vocab)
         info["make_s"] = time.perf_counter() - t
         (OUT / "e2e_model.json").write_text(json.dumps(info, indent=1))
@@ -189,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     for name in names:
         tree, _, _, extra = CONFIGS[name]
-        root = {"stock": args.stock, "forged": args.forged}[tree]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        tree_dir = {"stock": args.stock, "forged": args.forged}[tree]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree_dir, *site]),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_FORGE_FA4_CACHE_DIR": str(cache),
                "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"), **extra}
         if name == "forged-default":
@@ -269,10 +336,10 @@ def report(paths: list[Path]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    su = sub.add_parser("setup")
+    su.add_argument("--root", default="/tmp/e2e")
     r = sub.add_parser("run")
-    r.add_argument("--stock", required=True)
-    r.add_argument("--forged", required=True)
-    r.add_argument("--work", default="/tmp/e2e/work")
+    r.add_argument("--root", default="/tmp/e2e")
     r.add_argument("--only")
     r.add_argument("--layers", type=int, default=6)
     r.add_argument("--vocab", type=int, default=16384)
@@ -288,6 +355,8 @@ def main() -> int:
     if args.cmd == "child":
         OUT.mkdir(parents=True, exist_ok=True)
         return child(args)
+    if args.cmd == "setup":
+        return setup(args)
     if args.cmd == "report":
         report(args.results)
         return 0
