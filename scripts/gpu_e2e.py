@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
         tree_dir = {"stock": args.stock, "forged": args.forged}[tree]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree_dir, *site]),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_FORGE_FA4_CACHE_DIR": str(cache),
+               # flashinfer is not carried (greedy sampling never needs its top-k/top-p kernels)
+               "VLLM_USE_FLASHINFER_SAMPLER": "0",
                "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"), **extra}
         if name == "forged-default":
             subprocess.run(["rm", "-rf", str(cache)])
