@@ -335,6 +335,26 @@ def report(paths: list[Path]) -> None:
     print(text, flush=True)
 
 
+def stop() -> int:
+    """End a background `run` and its children (by argv, not by a pattern that matches the caller)."""
+    import signal
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1].endswith(b"gpu_e2e.py") and argv[2] in (b"run", b"child"):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                print(f"stopped {proc.name}: {b' '.join(argv[1:4]).decode()}")
+            except OSError:
+                pass
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -351,12 +371,15 @@ def main() -> int:
     c.add_argument("name", choices=list(CONFIGS))
     c.add_argument("--model", required=True)
     c.add_argument("--profile", action="store_true")
+    sub.add_parser("stop")
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+", type=Path)
     args = ap.parse_args()
     if args.cmd == "child":
         OUT.mkdir(parents=True, exist_ok=True)
         return child(args)
+    if args.cmd == "stop":
+        return stop()
     if args.cmd == "setup":
         return setup(args)
     if args.cmd == "report":
