@@ -57,6 +57,9 @@ def make_checkpoint(dest: Path, layers: int, vocab: int, device: str = "cuda") -
     shape = json.loads(SHAPE.read_text())
     kw = {k: v for k, v in shape.items() if not k.startswith("_")}
     pattern = kw.pop("sliding_window_pattern")
+    # untied: with random weights, tied embeddings (and Gemma's sqrt(hidden) embedding scale) make the
+    # model copy its last input token with probability ~1, whatever attention computes
+    kw["tie_word_embeddings"] = False
     kw["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
     cfg = Gemma4TextConfig(num_hidden_layers=layers, vocab_size=vocab, vocab_size_per_layer_input=vocab,
                            torch_dtype="bfloat16", architectures=["Gemma4ForCausalLM"], **kw)
@@ -75,6 +78,25 @@ def make_checkpoint(dest: Path, layers: int, vocab: int, device: str = "cuda") -
     cfg.save_pretrained(dest)
     return {"params": sum(t.numel() for t in tensors.values()), "layer_types": kw["layer_types"],
             "config": json.loads((dest / "config.json").read_text())}
+
+
+def hf_reference(model: Path, vocab: int) -> None:
+    """transformers' own Gemma-4 on the same checkpoint: the first greedy token (and its logprob) of
+    the first GREEDY_N decode prompts, as a reference for what vLLM serves."""
+    import torch
+    from transformers import Gemma4ForCausalLM
+    m = Gemma4ForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+    rows = []
+    with torch.no_grad():
+        for ids in _prompts(DECODE[0], DECODE[1], vocab, seed=13)[:GREEDY_N]:
+            logits = m(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            tok = int(lp.argmax())
+            rows.append({"token": tok, "logprob": float(lp[tok]), "top2_gap": float(lp.topk(2).values.diff().abs())})
+    (OUT / "e2e_hf.json").write_text(json.dumps(rows, indent=1))
+    print(f"transformers reference: first tokens {[r['token'] for r in rows]}", flush=True)
+    del m
+    torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------ one configuration (child)
@@ -161,8 +183,11 @@ def child(args: argparse.Namespace) -> int:
     n, length, out_tokens = DECODE
     dec = P(_prompts(n, length, vocab, seed=13))
     greedy = SamplingParams(max_tokens=out_tokens + 1, temperature=0.0, ignore_eos=True, logprobs=1)
-    t = time.perf_counter(); llm.generate(dec, one, use_tqdm=False); t1 = time.perf_counter() - t
-    t = time.perf_counter(); outs = llm.generate(dec, greedy, use_tqdm=False); tn = time.perf_counter() - t
+    t1s, tns = [], []
+    for _ in range(2):  # best of two: decode steps are short and the host is shared
+        t = time.perf_counter(); llm.generate(dec, one, use_tqdm=False); t1s.append(time.perf_counter() - t)
+        t = time.perf_counter(); outs = llm.generate(dec, greedy, use_tqdm=False); tns.append(time.perf_counter() - t)
+    t1, tn = min(t1s), min(tns)
     res["decode_s"] = tn - t1
     res["decode_tok_s"] = n * out_tokens / (tn - t1)
     res["greedy"] = [{"tokens": list(o.outputs[0].token_ids),
@@ -251,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
         info["make_s"] = time.perf_counter() - t
         (OUT / "e2e_model.json").write_text(json.dumps(info, indent=1))
         print(f"checkpoint: {info['params'] / 1e9:.2f} B params, {info['layer_types']}, {info['make_s']:.0f} s", flush=True)
+    if not (OUT / "e2e_hf.json").is_file():
+        sys.path[:0] = site
+        hf_reference(model, args.vocab)
     cache = Path(args.work) / "fa4-cache"
     names = args.only.split(",") if args.only else list(CONFIGS)
     rc = 0
@@ -278,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             for ln in tail:
                 if "vllm-forge:" in ln:
                     print("   " + ln[-300:], flush=True)
-    report([p for p in sorted(OUT.glob("e2e_*.json")) if p.name != "e2e_model.json"])
+    report([p for p in sorted(OUT.glob("e2e_*.json")) if p.name not in ("e2e_model.json", "e2e_hf.json")])
     return rc
 
 
@@ -324,6 +352,17 @@ def report(paths: list[Path]) -> None:
     if cmp:
         lines += ["", f"| greedy ({GREEDY_N} prompts × {DECODE[2] + 1} tokens) | identical-prefix token share | "
                   "max logprob diff on it |", "|---|---|---|", *cmp]
+    # is the comparison worth anything: do outputs depend on the prompt, and match transformers?
+    hf_path = OUT / "e2e_hf.json"
+    hf = json.loads(hf_path.read_text()) if hf_path.is_file() else None
+    sanity = ["", "| config | distinct tokens in greedy outputs | mean logprob of chosen tokens | first token = "
+              "transformers' |", "|---|---|---|---|"]
+    for name, r in rs.items():
+        toks = [t for g in r["greedy"] for t in g["tokens"]]
+        lps = [x for g in r["greedy"] for x in g["logprobs"]]
+        agree = (f"{sum(g['tokens'][0] == h['token'] for g, h in zip(r['greedy'], hf))}/{len(hf)}" if hf else "-")
+        sanity.append(f"| {name} | {len(set(toks))} | {sum(lps) / len(lps):.3f} | {agree} |")
+    lines += sanity
     prof = [(n, r["profile"]) for n, r in rs.items() if r.get("profile")]
     if prof:
         lines += ["", "| config | prefill step kernel time ms | attention ms | attention share |", "|---|---|---|---|"]
