@@ -8,8 +8,10 @@
 # objects differ there too. So:
 #  * nvcc -frandom-seed=<unit path relative to the source tree>, per unit: nvcc's documented switch
 #    for the random numbers it uses in generated symbol and variable names (also passed to gcc);
-#  * -ffile-prefix-map=<source tree>=/vllm-flash-attn and <build tree>=/build for the host compiler
-#    (host __FILE__; the checkout's location otherwise shows in the module);
+#  * -ffile-prefix-map=<source tree>=/vllm-flash-attn for the host compiler (host __FILE__; the
+#    checkout's location otherwise shows in the module). The build tree is not mapped: nothing of it
+#    reaches the objects, and a flag naming it would make every build tree's compile-cache keys
+#    (sccache hashes the arguments) differ;
 #  * links with --discard-all: no local symbols in the module's .symtab, the run-dependent FILE
 #    symbols included (exported symbols, and so torch's op registration, are unchanged);
 #    --build-id=sha1 (a hash of the contents: equal modules, equal ids).
@@ -30,11 +32,9 @@ function(vllm_forge_reproducible target srcdir)
         "$<$<COMPILE_LANGUAGE:CUDA>:-frandom-seed=${_rel}>")
     endif()
   endforeach()
-  set(_maps "-ffile-prefix-map=${srcdir}=/vllm-flash-attn" "-ffile-prefix-map=${CMAKE_BINARY_DIR}=/build")
-  foreach(_m IN LISTS _maps)
-    target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CXX>:${_m}>"
-                                             "$<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=${_m}>")
-  endforeach()
+  set(_map "-ffile-prefix-map=${srcdir}=/vllm-flash-attn")
+  target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CXX>:${_map}>"
+                                           "$<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=${_map}>")
   target_link_options(${target} PRIVATE "LINKER:--build-id=sha1" "LINKER:--discard-all")
   message(STATUS "${target}: reproducibility flags (-frandom-seed per unit, -ffile-prefix-map, --discard-all, --build-id=sha1)")
 endfunction()
