@@ -135,7 +135,7 @@ def worker(cases_path: Path, result_path: Path) -> None:
     mod = sys.modules["vllm.vllm_flash_attn._vllm_fa3_C"]
     data = torch.load(cases_path)
     res: dict[str, Any] = {"so": os.path.realpath(mod.__file__), "device": torch.cuda.get_device_name(),
-                           "torch": torch.__version__, "cuda": torch.version.cuda, "rows": []}
+                           "torch": str(torch.__version__), "cuda": str(torch.version.cuda), "rows": []}
     for t in data:
         c = t["case"]
         q = t["q"].cuda()
@@ -243,10 +243,12 @@ def run_pytest(label: str, tree: Path, test: Path, work: Path, out: Path, site: 
 
 
 def probe(tree: Path, site: list[str]) -> dict[str, Any]:
-    code = ("import json,os,sys,torch; import vllm.vllm_flash_attn.flash_attn_interface as fi; "
+    code = ("import hashlib,json,os,sys,torch; import vllm.vllm_flash_attn.flash_attn_interface as fi; "
             "m=sys.modules.get('vllm.vllm_flash_attn._vllm_fa3_C'); "
             "print(json.dumps({'fa3': fi.FA3_AVAILABLE, 'reason': fi.FA3_UNAVAILABLE_REASON, "
-            "'so': os.path.realpath(m.__file__) if m else None, 'torch': torch.__version__, "
+            "'so': os.path.realpath(m.__file__) if m else None, "
+            "'so_sha256': hashlib.sha256(open(m.__file__,'rb').read()).hexdigest() if m else None, "
+            "'torch': torch.__version__, "
             "'device': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *site])}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -370,6 +372,12 @@ def main(argv: list[str]) -> int:
                                  for k, t in trees.items()}
             (a.out / "gpu_fa3_ext.json").write_text(json.dumps(report, indent=1))
             return 0 if all(c["rc"] == 0 and c["collected"] > 0 for c in report["collect"].values()) else 1
+        for side, want in (("built", report["built_so"]["sha256"]), ("stock", report["stock_so"]["sha256"])):
+            got = report["probe"][side].get("so_sha256")
+            if got is not None and got != want:
+                print(f"{side}: the tree loaded {report['probe'][side]['so']}, not the expected extension",
+                      file=sys.stderr)
+                return 1
         if not report["probe"]["built"].get("fa3"):
             print("the built extension does not load: see probe.built.reason", file=sys.stderr)
             (a.out / "gpu_fa3_ext.json").write_text(json.dumps(report, indent=1))
