@@ -126,7 +126,6 @@ def make_inputs(path: Path) -> list[dict[str, Any]]:
 def worker(cases_path: Path, result_path: Path) -> None:
     """Runs inside one process whose PYTHONPATH starts with one vllm tree."""
     import torch
-
     import vllm.vllm_flash_attn.flash_attn_interface as fi
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -140,10 +139,10 @@ def worker(cases_path: Path, result_path: Path) -> None:
         c = t["case"]
         q = t["q"].cuda()
         k, v = t["k"].cuda(), t["v"].cuda()
-        kw: dict[str, Any] = dict(q=q, k=k, v=v, max_seqlen_q=t["max_q"], cu_seqlens_q=t["cu_q"].cuda(),
-                                  max_seqlen_k=t["max_k"], softmax_scale=c["d"] ** -0.5, causal=c["causal"],
-                                  window_size=[c["window"] - 1, 0] if c["window"] else [-1, -1],
-                                  return_softmax_lse=True, fa_version=3)
+        kw: dict[str, Any] = {"q": q, "k": k, "v": v, "max_seqlen_q": t["max_q"], "cu_seqlens_q": t["cu_q"].cuda(),
+                              "max_seqlen_k": t["max_k"], "softmax_scale": c["d"] ** -0.5, "causal": c["causal"],
+                              "window_size": [c["window"] - 1, 0] if c["window"] else [-1, -1],
+                              "return_softmax_lse": True, "fa_version": 3}
         if c["layout"] == "varlen":
             kw["cu_seqlens_k"] = t["cu_k"].cuda()
         else:
@@ -231,7 +230,7 @@ def run_pytest(label: str, tree: Path, test: Path, work: Path, out: Path, site: 
     if collect_only:
         cmd.append("--collect-only")
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=tdir, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=tdir, env=env, capture_output=True, text=True, check=False)
     (out / f"pytest_{label}.log").write_text(r.stdout + r.stderr)
     counts = junit_counts(xml) if not collect_only else {"collected": sum(
         "::test_" in line for line in r.stdout.splitlines())}
@@ -251,7 +250,7 @@ def probe(tree: Path, site: list[str]) -> dict[str, Any]:
             "'torch': torch.__version__, "
             "'device': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *site])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return {"fa3": False, "reason": r.stderr.strip().splitlines()[-1:] or ["import failed"]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -267,7 +266,7 @@ def compare(work: Path, trees: dict[str, Path], site: list[str]) -> tuple[list[d
         rp = work / f"result_{side}.pt"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *site])}
         r = subprocess.run([sys.executable, __file__, "--worker", str(cases_path), str(rp)], env=env,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{side} worker failed: {(r.stdout + r.stderr)[-3000:]}")
         results[side] = torch.load(rp)
