@@ -347,9 +347,10 @@ def main(argv: list[str]) -> int:
         return 0
     a = parse(argv)
     root = a.vllm_root.resolve()
+    # each side's tree goes first on its PYTHONPATH, so `vllm` resolves there even when a deps
+    # directory also holds a vllm package
     site = a.site if a.site is not None else [
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        if p and Path(p).resolve() != root and not (Path(p) / "vllm" / "vllm_flash_attn" / SO).exists()]
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != root]
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fa3ext-"))
     try:
