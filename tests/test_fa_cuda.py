@@ -10,6 +10,7 @@ torch (VLLM_FORGE_CUDA_PYTHON, default: this one). The refusal of an incomplete 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,12 +56,19 @@ def cuda_root() -> Path:
 
 def _driver_stub(tmp: Path, root: Path) -> list[str]:
     """CUDA devel installs carry lib64/stubs/libcuda.so (a link-time stand-in for the driver,
-    soname libcuda.so.1). Where the toolkit lacks it, make the same kind of stub."""
+    soname libcuda.so.1). Where the toolkit lacks it, make the same kind of stub: every driver API
+    entry point of cuda.h (after its versioning macros) as an exported function. It must export them:
+    _vllm_fa3_C calls cuTensorMapEncodeTiled directly, and against an empty stub the linker (with
+    --as-needed) drops libcuda.so.1 from the module's NEEDED, so the module would not load."""
     if any((root / d / "stubs" / "libcuda.so").exists() for d in ("lib64", "lib")):
         return [f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
-    (tmp / "empty.c").write_text("")
+    pre = subprocess.run(["cc", "-E", "-x", "c", f"-I{root / 'include'}", "-"], input="#include <cuda.h>\n",
+                         capture_output=True, text=True, check=True).stdout
+    names = sorted(set(re.findall(r"\bCUresult\s+(cu[A-Za-z0-9_]+)\s*\(", pre)))
+    assert "cuTensorMapEncodeTiled" in names, len(names)
+    (tmp / "stub.c").write_text("".join(f"int {n}(void) {{ return 999; }}\n" for n in names))
     stub = tmp / "libcuda.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), str(tmp / "empty.c")],
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), str(tmp / "stub.c")],
                    check=True)
     return [f"-DCUDA_TOOLKIT_ROOT_DIR={root}", f"-DCUDA_cuda_driver_LIBRARY={stub}"]
 
@@ -94,3 +102,38 @@ def test_standalone_configure_and_fa3_object(tmp_path: Path) -> None:
                     str(tmp_path / "pkg")], check=True, capture_output=True)
     iface = (tmp_path / "pkg" / "vllm_flash_attn" / "cute" / "interface.py").read_text()
     assert "from vllm_flash_attn.cute" in iface and "from flash_attn.cute" not in iface
+
+
+TRIM = "FP16;FP8;HDIM96;HDIM192;HDIMDIFF64;HDIMDIFF192;SOFTCAP;SPLIT"
+TRIMMED_UNITS = [f"flash_fwd_hdim{d}_bf16_{v}_sm90.cu" for d in (128, 256, 64) for v in ("packgqa", "paged")]
+
+
+@pytest.mark.skipif(not FULL_SRC, reason="VLLM_FORGE_FA_FULL_SRC (a full flash-attention checkout at the pin, "
+                    "with csrc/cutlass) is not set; CI cannot fetch one")
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("ninja") is None, reason="no nvcc or ninja")
+def test_standalone_trimmed_configure(tmp_path: Path) -> None:
+    """The real tree: vLLM's 190 FA3 instantiation units, 6 left by the switches the README's build
+    used (bf16, head dims 64/128/256, paged KV), the switches on every FA3 compile line, the
+    reproducibility flags on the units and the link."""
+    if not _cuda_torch():
+        pytest.skip(f"{CUDA_PYTHON} has no CUDA build of torch (set VLLM_FORGE_CUDA_PYTHON)")
+    root = cuda_root()
+    env = {**os.environ, "CUDACXX": str(root / "bin" / "nvcc")}
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    runs = {}
+    for name, extra in (("full", []), ("trim", [f"-DVLLM_FORGE_FA3_DISABLE={TRIM}"])):
+        cfg = subprocess.run([cmake_exe(), "-G", "Ninja", "-S", str(REPO), "-B", str(tmp_path / name),
+                              "-DVLLM_FORGE_FA_CUDA=ON", f"-DVLLM_FLASH_ATTN_SRC_DIR={FULL_SRC}",
+                              f"-DPython_EXECUTABLE={CUDA_PYTHON}", *_driver_stub(tmp_path, root), *extra],
+                             env=env, capture_output=True, text=True, check=False)
+        assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+        runs[name] = " ".join(cfg.stdout.split())
+    assert "FA3 kernel units: 190 of 190" in runs["full"]
+    assert "FA3 kernel units: 6 of 190" in runs["trim"]
+    assert "FA3 kernel units kept: " + " ".join(sorted(TRIMMED_UNITS)) in runs["trim"]
+    ninja = (tmp_path / "trim" / "build.ninja").read_text()
+    for sw in TRIM.split(";"):
+        assert f"-DFLASHATTENTION_DISABLE_{sw} " in ninja, sw
+    assert "-frandom-seed=hopper/instantiations/flash_fwd_hdim128_bf16_paged_sm90.cu" in ninja
+    assert f"-ffile-prefix-map={FULL_SRC}=/vllm-flash-attn" in ninja
+    assert "--discard-all" in ninja and "--build-id=sha1" in ninja

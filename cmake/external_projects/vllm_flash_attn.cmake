@@ -68,6 +68,18 @@ if(NOT EXISTS "${vllm-flash-attn_SOURCE_DIR}/flash_attn/cute/interface.py")
 endif()
 
 if(VLLM_FORGE_FA_CUDA)
+  # the FA3 kernel set, trimmed with flash-attention's own switches (VLLM_FORGE_FA3_DISABLE), and
+  # the reproducibility flags (VLLM_FORGE_REPRODUCIBLE), both on the fetched project's targets
+  include(${CMAKE_CURRENT_LIST_DIR}/../fa3_trim.cmake)
+  include(${CMAKE_CURRENT_LIST_DIR}/../reproducible.cmake)
+  if(TARGET _vllm_fa3_C)
+    vllm_forge_fa3_trim(_vllm_fa3_C)
+  endif()
+  foreach(_vf_target _vllm_fa2_C _vllm_fa3_C)
+    if(TARGET ${_vf_target})
+      vllm_forge_reproducible(${_vf_target} "${vllm-flash-attn_SOURCE_DIR}")
+    endif()
+  endforeach()
   # flash-attention installs _vllm_fa2_C/_vllm_fa3_C into vllm_flash_attn/ (relative to the
   # prefix); its Python interface goes with each component, as in vLLM's external project.
   foreach(_vf_component _vllm_fa2_C _vllm_fa3_C)
