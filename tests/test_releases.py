@@ -16,6 +16,8 @@ from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import WHEEL_CUTE, fa_target, tree_sha256, zip_tree
 from vllm_forge.pins import data_dir, load_pins
 from vllm_forge.refresh_fa import refresh_fa_series
+from vllm_forge.runtime import MODULE as RUNTIME_MODULE
+from vllm_forge.runtime import runtime_source
 from vllm_forge.series import read_manifest, series_for
 from vllm_forge.verify import STAMP, verify_wheel
 
@@ -73,7 +75,9 @@ def test_tune_build_keeps_the_release_and_its_requirements(version: str, tmp_pat
         assert tree_sha256(zip_tree(zf, WHEEL_CUTE)) == stamp["flash_attention"]["tree_sha256"] != vp.cute_tree_sha256
         changed = {n for n in zf.namelist() if not n.startswith((WHEEL_CUTE, fdi))
                    and (n not in zb.namelist() or zf.read(n) != zb.read(n))}
-        assert changed == set()
+        # outside FA4 and dist-info, only the runtime layer is added (byte for byte ours)
+        assert changed == {RUNTIME_MODULE}
+        assert zf.read(RUNTIME_MODULE) == runtime_source()
 
 
 def test_newest_release(tmp_path: Path) -> None:
