@@ -13,16 +13,14 @@ and that release's FA4 runtime packages, resolved by pip from its requirements/c
   wheels/                 their wheels, as downloaded (plan.json: each set's wheels in install order)
   batchNN/                the carry of one device call each (<= 58 MiB): pieces `<file>.<offset>`, larger
                           wheels split; compressing them again costs more time than the extra calls
-  trees.tar.xz + plan.json + SHA256SUMS (of every whole file: the GPU machine checks them)
+  trees.tar.xz + plan.json; batch00/SHA256SUMS (of every whole file: the GPU machine checks them)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from functools import cache
 from pathlib import Path
 
 from gpu_bundle import tar_xz  # the GPU-proof bundle's packer (same directory)
+from gpu_carry import write_batches
 from packaging.utils import canonicalize_name
 
 from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
@@ -42,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".device" / "series"
 CARRY = re.compile(r"^(nvidia-cutlass-dsl.*|quack-kernels|apache-tvm-ffi|torch-c-dlpack-ext|einops|"
                    r"cuda-(python|bindings|core|pathfinder)|nvidia-cuda-nvdisasm)$", re.I)
-CARRY_LIMIT = 58 << 20  # a device call carries 64 MiB with the working tree
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
@@ -86,23 +84,6 @@ def download(specs: list[str], dest: Path) -> list[str]:
         assert len(found) == 1, (spec, found)
         names.append(found[0])
     return sorted(names, key=lambda n: ("libs_cu1" in n, n))
-
-
-def batches(files: list[Path], limit: int) -> list[list[tuple[Path, int, int]]]:
-    """(file, offset, length) pieces in carry batches of at most `limit` bytes, in order: a file
-    larger than a batch is split (the GPU machine concatenates the pieces)."""
-    out: list[list[tuple[Path, int, int]]] = [[]]
-    room = limit
-    for f in files:
-        size, off = f.stat().st_size, 0
-        while off < size:
-            if room == 0:
-                out.append([])
-                room = limit
-            n = min(size - off, room)
-            out[-1].append((f, off, n))
-            off, room = off + n, room - n
-    return out
 
 
 def main() -> int:
@@ -161,18 +142,7 @@ def main() -> int:
     every = [w for name in sets for w in sets[name]]
     by_size = sorted(dict.fromkeys(every), key=lambda w: (wheels / w).stat().st_size > 16 << 20)
     order += [wheels / w for w in by_size]
-    for i, batch in enumerate(batches(order, CARRY_LIMIT)):
-        d = OUT / f"batch{i:02d}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir()
-        for f, off, n in batch:
-            with open(f, "rb") as src:
-                src.seek(off)
-                (d / f"{f.name}.{off:012d}").write_bytes(src.read(n))
-        print(f"{d.name}: {sum(n for _, _, n in batch) / 2**20:.1f} MiB, {len(batch)} pieces", file=sys.stderr)
-    lines = [f"{hashlib.sha256((wheels / w).read_bytes()).hexdigest()}  {w}" for w in sorted(set(every))]
-    lines += [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in order[:2]]
-    (OUT / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    write_batches(order, OUT)  # SHA256SUMS of every whole file into batch00
     return 0
 
 

@@ -14,7 +14,6 @@ for all pins starts in the background (setsid).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,44 +24,14 @@ import time
 import zipfile
 from pathlib import Path
 
+from gpu_carry import recv  # same directory
+
 G = Path("/tmp/gs")
 HERE = Path(__file__).resolve().parent
 
 
-def assemble() -> dict[str, Path]:
-    sums = dict(reversed(ln.split("  ", 1)) for ln in (G / "in" / "SHA256SUMS").read_text().splitlines() if ln)
-    done = {}
-    for name, digest in sums.items():
-        whole = G / "files" / name
-        if whole.is_file():
-            done[name] = whole
-            continue
-        pieces = sorted(G.joinpath("in").glob(f"{name}.[0-9]*"), key=lambda p: int(p.suffix[1:]))
-        if not pieces:
-            continue
-        h, data = hashlib.sha256(), bytearray()
-        for p in pieces:
-            data += p.read_bytes()
-        h.update(data)
-        if h.hexdigest() == digest:
-            whole.parent.mkdir(parents=True, exist_ok=True)
-            whole.write_bytes(data)
-            for p in pieces:
-                p.unlink()
-            done[name] = whole
-    return done
-
-
 def carry(batch: Path, settle: int) -> None:
-    if (batch / "SHA256SUMS").is_file():  # batch00: a fresh start
-        shutil.rmtree(G, ignore_errors=True)
-    if not (G / "in").is_dir() and not (batch / "SHA256SUMS").is_file():
-        sys.exit("the machine went cold: start over with batch00")
-    (G / "in").mkdir(parents=True, exist_ok=True)
-    for f in batch.iterdir():
-        shutil.copy(f, G / "in" / f.name)
-    files = assemble()
-    print(f"complete: {len(files)} files", flush=True)
+    files, _ = recv(batch, G)
     if "plan.json" not in files or "trees.tar.xz" not in files:
         return
     if not (G / "trees").is_dir():
