@@ -163,23 +163,34 @@ def _after_block_size(vllm_config: Any) -> None:
 
 
 def _patch_platform(module: Any) -> None:
-    platform = getattr(module, "Platform", None)
-    orig = getattr(platform, "update_block_size_for_backend", None)
-    if orig is None or getattr(orig, "_vllm_forge", False):
-        if orig is None:
-            logger.info("vllm-forge: this vLLM has no Platform.update_block_size_for_backend: block size kept")
+    def wrap(orig: Any) -> Callable[..., None]:
+        func = orig.__func__
+
+        def update_block_size_for_backend(cls: Any, vllm_config: Any) -> None:
+            func(cls, vllm_config)
+            try:
+                _after_block_size(vllm_config)
+            except Exception as e:
+                logger.warning("vllm-forge: block-size check failed (%s); vLLM's choice kept", e)
+        return update_block_size_for_backend
+
+    _hook(getattr(module, "Platform", None), "Platform.update_block_size_for_backend", "block size kept", wrap,
+          classmethod_=True)
+
+
+def _hook(owner: Any, qualname: str, skipped: str, wrap: Callable[[Any], Callable[..., Any]],
+          classmethod_: bool = False) -> None:
+    """Replace owner.<attr> by wrap(original), once (a second load of the plugin is a no-op)."""
+    attr = qualname.rsplit(".", 1)[1]
+    orig = getattr(owner, attr, None)
+    if orig is None:
+        logger.info("vllm-forge: this vLLM has no %s: %s", qualname, skipped)
         return
-    func = orig.__func__
-
-    def update_block_size_for_backend(cls: Any, vllm_config: Any) -> None:
-        func(cls, vllm_config)
-        try:
-            _after_block_size(vllm_config)
-        except Exception as e:
-            logger.warning("vllm-forge: block-size check failed (%s); vLLM's choice kept", e)
-
-    update_block_size_for_backend._vllm_forge = True  # type: ignore[attr-defined]
-    platform.update_block_size_for_backend = classmethod(update_block_size_for_backend)
+    if getattr(orig, "_vllm_forge", False):
+        return
+    fn = wrap(orig)
+    fn._vllm_forge = True  # type: ignore[attr-defined]
+    setattr(owner, attr, classmethod(fn) if classmethod_ else fn)
 
 
 # ---------------------------------------------------------------- 2. start-up compile
@@ -264,23 +275,17 @@ def fa4_warmup(worker: Any) -> None:
 
 
 def _patch_worker(module: Any) -> None:
-    worker = getattr(module, "Worker", None)
-    orig = getattr(worker, "compile_or_warm_up_model", None)
-    if orig is None or getattr(orig, "_vllm_forge", False):
-        if orig is None:
-            logger.info("vllm-forge: this vLLM has no Worker.compile_or_warm_up_model: no FA4 start-up compile")
-        return
+    def wrap(orig: Any) -> Callable[..., Any]:
+        def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                fa4_warmup(self)
+            except Exception as e:
+                logger.warning("vllm-forge: FA4 start-up compile failed (%s: %s); kernels compile on first use",
+                               type(e).__name__, e)
+            return orig(self, *args, **kwargs)
+        return compile_or_warm_up_model
 
-    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            fa4_warmup(self)
-        except Exception as e:
-            logger.warning("vllm-forge: FA4 start-up compile failed (%s: %s); kernels compile on first use",
-                           type(e).__name__, e)
-        return orig(self, *args, **kwargs)
-
-    compile_or_warm_up_model._vllm_forge = True  # type: ignore[attr-defined]
-    worker.compile_or_warm_up_model = compile_or_warm_up_model
+    _hook(getattr(module, "Worker", None), "Worker.compile_or_warm_up_model", "no FA4 start-up compile", wrap)
 
 
 # ---------------------------------------------------------------- wiring
