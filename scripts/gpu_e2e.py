@@ -6,6 +6,8 @@ process, same prompts (docs/e2e.md has the transfer, the command and one run's n
   python3 scripts/gpu_carry.py recv .device/e2e/batchNN /tmp/e2e/carry     (each carry batch, in order)
   python3 scripts/gpu_e2e.py setup [--root /tmp/e2e]     (stock/ and forged/ trees, site/ of dependencies)
   python3 scripts/gpu_e2e.py run [--root /tmp/e2e] [--only NAME,...] [--layers 6] [--profile]
+        (`prebuilt` in --only: `vllm-forge fa4-cache` fills a cache of its own for the configurations
+        after it that name it; `forged-keymiss` runs on it with one more file in the FA4 tree)
   python3 scripts/gpu_e2e.py report RESULT.json...       (tables from saved results)
 
 Results, logs and the tables go to $OUT.
@@ -35,7 +37,9 @@ DECODE = (64, 1024, 256)  # prompts x tokens, output tokens
 TTFT_LEN = 8192
 GREEDY_N = 8              # prompts of the decode set whose tokens/logprobs are compared
 
-# name -> (tree, attention backend, block size or None for the default, extra environment)
+# name -> (tree, attention backend, block size or None for the default, extra environment). In the
+# environment, E2E_WORKLOADS limits what the child runs (default: all) and E2E_CACHE=prebuilt points
+# the runtime layer at the cache `vllm-forge fa4-cache` made.
 CONFIGS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
     "stock-default": ("stock", "FLASH_ATTN", None, {}),
     "forged-b16": ("forged", "FLASH_ATTN", 16, {}),
@@ -44,6 +48,16 @@ CONFIGS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
     "forged-default": ("forged", "FLASH_ATTN", None, {}),           # cold FA4 kernel cache
     "forged-default-cached": ("forged", "FLASH_ATTN", None, {}),    # same cache, now warm
     "forged-default-noruntime": ("forged", "FLASH_ATTN", None, {"VLLM_FORGE_RUNTIME": "0"}),
+    # the first request without the serving warm-up, profiled (cProfile) against a warm one
+    "forged-nowarmup": ("forged", "FLASH_ATTN", None, {"VLLM_FORGE_SERVING_WARMUP": "0",
+                                                       "E2E_WORKLOADS": "ttft,firstprofile"}),
+    # vLLM's block size kept: head-512 layers on 32-token pages, same kernels otherwise
+    "forged-nopage64": ("forged", "FLASH_ATTN", None, {"VLLM_FORGE_FA4_PAGE64": "0",
+                                                       "E2E_WORKLOADS": "ttft,prefill,profile"}),
+    # on the cache `vllm-forge fa4-cache` made (run `prebuilt` first)
+    "forged-prebuilt": ("forged", "FLASH_ATTN", None, {"E2E_CACHE": "prebuilt", "E2E_WORKLOADS": "ttft,prefill"}),
+    # same cache, one more .py file in the FA4 tree: FA4's fingerprint changes, every kernel misses
+    "forged-keymiss": ("forged", "FLASH_ATTN", None, {"E2E_CACHE": "prebuilt", "E2E_WORKLOADS": "ttft"}),
     "triton": ("stock", "TRITON_ATTN", None, {}),
 }
 
@@ -142,8 +156,25 @@ def _attention_share(llm, prompts, sp) -> dict:
             "top": [{"kernel": k[:160], "ms": t / 1e3, "calls": c, "attention": is_attn(k)} for k, t, c in rows[:15]]}
 
 
+def _profiled(fn) -> dict:
+    """fn() under cProfile: the functions with the most cumulative time (what a first request pays)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats.items()  # type: ignore[attr-defined]
+
+    def rows(col: int, n: int) -> list[dict]:
+        return [{"fn": f"{'/'.join(Path(f).parts[-2:])}:{line}({name})", "calls": v[1], "own_s": round(v[2], 4),
+                 "cum_s": round(v[3], 4)} for (f, line, name), v in sorted(stats, key=lambda kv: -kv[1][col])[:n]]
+    return {"by_cum": rows(3, 40), "by_own": rows(2, 25)}  # type: ignore[return-value]
+
+
 def child(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    work = set((os.environ.get("E2E_WORKLOADS") or "ttft,prefill,decode,profile").split(","))
     tree, backend, block, _ = CONFIGS[args.name]
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -166,37 +197,56 @@ def child(args: argparse.Namespace) -> int:
     res["vllm"] = vllm.__version__
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     P = lambda ps: [TokensPrompt(prompt_token_ids=p) for p in ps]  # noqa: E731
-    # first request after start-up, then a warm one of the same shape (other tokens)
+    def kernel_files() -> int:  # FA4 kernels in the on-disk cache the runtime layer set up
+        d = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+        return sum(1 for _ in Path(d).rglob("*.o")) if d and Path(d).is_dir() else -1
+    res["fa4_cache_dir"] = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    res["fa4_kernels_after_start"] = kernel_files()
+    # first request after start-up, then a warm one of the same shape (other tokens); with
+    # firstprofile both run under cProfile (their times then include its overhead)
     first, warm = _prompts(2, TTFT_LEN, vocab, seed=7)
-    t = time.perf_counter(); llm.generate(P([first]), one, use_tqdm=False); res["ttft_first_s"] = time.perf_counter() - t
-    t = time.perf_counter(); llm.generate(P([warm]), one, use_tqdm=False); res["ttft_warm_s"] = time.perf_counter() - t
+    for key, prompt in (("first", first), ("warm", warm)):
+        t = time.perf_counter()
+        if "firstprofile" in work:
+            res[f"cprofile_{key}"] = _profiled(lambda: llm.generate(P([prompt]), one, use_tqdm=False))
+        else:
+            llm.generate(P([prompt]), one, use_tqdm=False)
+        res[f"ttft_{key}_s"] = time.perf_counter() - t
     res["start_to_first_token_s"] = time.perf_counter() - t_start - res["ttft_warm_s"]
-    # prefill-heavy
+    res["fa4_kernels_after_first_requests"] = kernel_files()
+    # three more warm requests: the spread a 10% first-request goal is read against
+    res["ttft_warm_more_s"] = []
+    for prompt in _prompts(3, TTFT_LEN, vocab, seed=8):
+        t = time.perf_counter(); llm.generate(P([prompt]), one, use_tqdm=False)
+        res["ttft_warm_more_s"].append(time.perf_counter() - t)
     pre = P(_prompts(*PREFILL, vocab, seed=11))
-    llm.generate(pre[:2], one, use_tqdm=False)
-    times = []
-    for _ in range(2):
-        t = time.perf_counter(); llm.generate(pre, one, use_tqdm=False); times.append(time.perf_counter() - t)
-    res["prefill_s"] = min(times)
-    res["prefill_tok_s"] = PREFILL[0] * PREFILL[1] / min(times)
-    # decode-heavy: decode time = (n+1 output tokens) - (1 output token), same prompts
-    n, length, out_tokens = DECODE
-    dec = P(_prompts(n, length, vocab, seed=13))
-    greedy = SamplingParams(max_tokens=out_tokens + 1, temperature=0.0, ignore_eos=True, logprobs=1)
-    t1s, tns = [], []
-    for _ in range(2):  # best of two: decode steps are short and the host is shared
-        t = time.perf_counter(); llm.generate(dec, one, use_tqdm=False); t1s.append(time.perf_counter() - t)
-        t = time.perf_counter(); outs = llm.generate(dec, greedy, use_tqdm=False); tns.append(time.perf_counter() - t)
-    t1, tn = min(t1s), min(tns)
-    res["decode_s"] = tn - t1
-    res["decode_tok_s"] = n * out_tokens / (tn - t1)
-    res["greedy"] = [{"tokens": list(o.outputs[0].token_ids),
-                      "logprobs": [lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
-                     for o in outs[:GREEDY_N]]
-    if args.profile:
+    if "prefill" in work:
+        llm.generate(pre[:2], one, use_tqdm=False)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter(); llm.generate(pre, one, use_tqdm=False); times.append(time.perf_counter() - t)
+        res["prefill_s"] = min(times)
+        res["prefill_tok_s"] = PREFILL[0] * PREFILL[1] / min(times)
+    if "decode" in work:
+        # decode-heavy: decode time = (n+1 output tokens) - (1 output token), same prompts
+        n, length, out_tokens = DECODE
+        dec = P(_prompts(n, length, vocab, seed=13))
+        greedy = SamplingParams(max_tokens=out_tokens + 1, temperature=0.0, ignore_eos=True, logprobs=1)
+        t1s, tns = [], []
+        for _ in range(2):  # best of two: decode steps are short and the host is shared
+            t = time.perf_counter(); llm.generate(dec, one, use_tqdm=False); t1s.append(time.perf_counter() - t)
+            t = time.perf_counter(); outs = llm.generate(dec, greedy, use_tqdm=False); tns.append(time.perf_counter() - t)
+        t1, tn = min(t1s), min(tns)
+        res["decode_s"] = tn - t1
+        res["decode_tok_s"] = n * out_tokens / (tn - t1)
+        res["greedy"] = [{"tokens": list(o.outputs[0].token_ids),
+                          "logprobs": [lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                         for o in outs[:GREEDY_N]]
+    if args.profile and "profile" in work:
         res["profile"] = _attention_share(llm, pre[:4], one)
     (OUT / f"e2e_{args.name}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: v for k, v in res.items() if k not in ("greedy", "layers", "profile")}), flush=True)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("greedy", "layers", "profile") and
+                      not k.startswith("cprofile")}), flush=True)
     return 0
 
 
@@ -280,34 +330,68 @@ def run(args: argparse.Namespace) -> int:
         sys.path[:0] = site
         hf_reference(model, args.vocab)
     cache = Path(args.work) / "fa4-cache"
+    prebuilt = Path(args.work) / "fa4-cache-prebuilt"
     names = args.only.split(",") if args.only else list(CONFIGS)
     rc = 0
     for name in names:
+        if name == "prebuilt":
+            rc |= make_prebuilt(args, model, prebuilt, site)
+            continue
         tree, _, _, extra = CONFIGS[name]
         tree_dir = {"stock": args.stock, "forged": args.forged}[tree]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree_dir, *site]),
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_FORGE_FA4_CACHE_DIR": str(cache),
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_FORGE_FA4_CACHE_DIR": str(prebuilt if extra.get("E2E_CACHE") == "prebuilt" else cache),
                # flashinfer is not carried (greedy sampling never needs its top-k/top-p kernels)
                "VLLM_USE_FLASHINFER_SAMPLER": "0",
                "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"), **extra}
         if name == "forged-default":
             subprocess.run(["rm", "-rf", str(cache)])
+        # forged-keymiss: one more .py in FA4's cute/ changes FA4's source fingerprint (its cache key)
+        extra_src = Path(tree_dir) / "vllm" / "vllm_flash_attn" / "cute" / "_vllm_forge_keytest.py"
+        if name == "forged-keymiss":
+            extra_src.write_text("# vllm-forge e2e: a changed FA4 tree must not load the cached kernels\n")
         cmd = [sys.executable, __file__, "child", name, "--model", str(model)] + (["--profile"] if args.profile else [])
         print(f"== {name}", flush=True)
         t = time.perf_counter()
-        with open(OUT / f"e2e_{name}.log", "w") as log:
-            r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
-        tail = (OUT / f"e2e_{name}.log").read_text().splitlines()
-        print(f"   rc={r.returncode} {time.perf_counter() - t:.0f} s; " + (tail[-1][:600] if tail else ""), flush=True)
-        if r.returncode:
-            rc = 1
-            print("\n".join(tail[-25:]), flush=True)
-        else:
-            for ln in tail:
-                if "vllm-forge:" in ln:
-                    print("   " + ln[-300:], flush=True)
+        try:
+            with open(OUT / f"e2e_{name}.log", "w") as log:
+                r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        finally:
+            extra_src.unlink(missing_ok=True)
+        rc |= _tail(name, r.returncode, time.perf_counter() - t)
     report([p for p in sorted(OUT.glob("e2e_*.json")) if p.name not in ("e2e_model.json", "e2e_hf.json")])
     return rc
+
+
+def _tail(name: str, returncode: int, seconds: float) -> int:
+    tail = (OUT / f"e2e_{name}.log").read_text().splitlines()
+    print(f"   rc={returncode} {seconds:.0f} s; " + (tail[-1][:600] if tail else ""), flush=True)
+    if returncode:
+        print("\n".join(tail[-25:]), flush=True)
+        return 1
+    for ln in tail:
+        if "vllm-forge:" in ln or "jit_monitor.py" in ln and "activated" not in ln:
+            print("   " + ln[-300:], flush=True)
+    return 0
+
+
+def make_prebuilt(args: argparse.Namespace, model: Path, prebuilt: Path, site: list[str]) -> int:
+    """`vllm-forge fa4-cache` (this checkout's CLI) with the forged tree: a fresh cache of its own."""
+    subprocess.run(["rm", "-rf", str(prebuilt)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.forged, *site, str(HERE.parent / "src")]),
+           "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_CACHE_ROOT": str(Path(args.work) / "vllm-cache-forged")}
+    cmd = [sys.executable, "-m", "vllm_forge.cli", "fa4-cache", "--model", str(model), "--out", str(prebuilt),
+           "--max-model-len", str(TTFT_LEN + 256), "--max-num-batched-tokens", "16384",
+           "--gpu-memory-utilization", "0.85"]
+    print("== prebuilt: " + " ".join(cmd[1:]), flush=True)
+    t = time.perf_counter()
+    with open(OUT / "e2e_prebuilt.log", "w") as log:
+        r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+    manifest = prebuilt / "vllm-forge-fa4-cache.json"
+    if manifest.is_file():
+        (OUT / "e2e_prebuilt_manifest.json").write_text(manifest.read_text())
+    return _tail("prebuilt", r.returncode, time.perf_counter() - t)
 
 
 def _cmp(a: dict, b: dict) -> tuple[float, float]:
@@ -328,17 +412,25 @@ def report(paths: list[Path]) -> None:
     rs = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in paths}
     if not rs:
         return
-    lines = ["| config | block size (arg → used) | head-512 pages | engine start s | first TTFT s | warm TTFT s | "
-             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | block size (arg → used) | head-512 pages | engine start s | FA4 kernels on disk after start"
+             " → after 2 requests | first TTFT s | warm TTFT s (median of 4) | first / warm | prefill tok/s | "
+             "decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rs.items():
         pages = sorted({lay["kv_cache_shape"][2] for lay in r["layers"].values()
                         if lay.get("head_size", 0) and lay["head_size"] > 256 and lay["kv_cache_shape"]})
+        warm = sorted([r["ttft_warm_s"], *r.get("ttft_warm_more_s", [])])
+        med = (warm[(len(warm) - 1) // 2] + warm[len(warm) // 2]) / 2
+        disk = (f"{r['fa4_kernels_after_start']} → {r['fa4_kernels_after_first_requests']}"
+                if "fa4_kernels_after_start" in r else "-")
+        prof = " (cProfile)" if "cprofile_first" in r else ""
+        num = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
         lines.append(f"| {name} | {r['block_size_arg'] or 'default'} → {r['block_size']} | "
-                     f"{'/'.join(map(str, pages))} | {r['engine_start_s']:.1f} | {r['ttft_first_s']:.2f} | "
-                     f"{r['ttft_warm_s']:.3f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} |")
+                     f"{'/'.join(map(str, pages))} | {r['engine_start_s']:.1f} | {disk} | {r['ttft_first_s']:.3f}{prof} | "
+                     f"{med:.3f} | {r['ttft_first_s'] / med:.2f} | {num('prefill_tok_s', '.0f')} | "
+                     f"{num('decode_tok_s', '.0f')} |")
     ratio = []
     for a, b in (("forged-b16", "stock-default"), ("forged-b64", "stock-b64"), ("forged-default", "stock-default")):
-        if a in rs and b in rs:
+        if a in rs and b in rs and "prefill_tok_s" in rs[a] and "prefill_tok_s" in rs[b] and "decode_tok_s" in rs[a]:
             ratio.append(f"| {a} / {b} | {rs[a]['prefill_tok_s'] / rs[b]['prefill_tok_s']:.3f} | "
                          f"{rs[a]['decode_tok_s'] / rs[b]['decode_tok_s']:.3f} |")
     if ratio:
@@ -346,7 +438,7 @@ def report(paths: list[Path]) -> None:
     cmp = []
     for a, b in (("forged-b16", "stock-default"), ("forged-default", "stock-default"), ("stock-default", "triton"),
                  ("forged-default", "triton"), ("forged-b64", "stock-b64")):
-        if a in rs and b in rs:
+        if a in rs and b in rs and "greedy" in rs[a] and "greedy" in rs[b]:
             same, maxdiff = _cmp(rs[a], rs[b])
             cmp.append(f"| {a} vs {b} | {same:.3f} | {maxdiff:.4f} |")
     if cmp:
@@ -358,16 +450,26 @@ def report(paths: list[Path]) -> None:
     sanity = ["", "| config | distinct tokens in greedy outputs | mean logprob of chosen tokens | first token = "
               "transformers' |", "|---|---|---|---|"]
     for name, r in rs.items():
+        if "greedy" not in r:
+            continue
         toks = [t for g in r["greedy"] for t in g["tokens"]]
         lps = [x for g in r["greedy"] for x in g["logprobs"]]
         agree = (f"{sum(g['tokens'][0] == h['token'] for g, h in zip(r['greedy'], hf))}/{len(hf)}" if hf else "-")
         sanity.append(f"| {name} | {len(set(toks))} | {sum(lps) / len(lps):.3f} | {agree} |")
     lines += sanity
-    prof = [(n, r["profile"]) for n, r in rs.items() if r.get("profile")]
+    prof = [(n, r) for n, r in rs.items() if r.get("profile")]
     if prof:
-        lines += ["", "| config | prefill step kernel time ms | attention ms | attention share |", "|---|---|---|---|"]
-        lines += [f"| {n} | {p['kernel_time_ms']:.1f} | {p['attention_ms']:.1f} | {p['attention_share']:.3f} |"
-                  for n, p in prof]
+        lines += ["", "| config | prefill step kernel time ms | attention ms | attention share | head-512 FA4 kernel ms "
+                  "| its TFLOP/s |", "|---|---|---|---|---|---|"]
+        for n, r in prof:
+            p = r["profile"]
+            fa4 = sum(k["ms"] for k in p["top"] if "FlashAttentionForwardSm90" in k["kernel"])
+            wide = [lay for lay in r["layers"].values() if lay.get("fa_version") == 4 and (lay.get("head_size") or 0) > 256]
+            # 4 causal prompts of 8192 tokens: QK^T and PV, 2 FLOP per MAC, half the square
+            flops = len(wide) * 4 * 2 * 2 * (PREFILL[1] ** 2 / 2) * 32 * 512
+            lines.append(f"| {n} | {p['kernel_time_ms']:.1f} | {p['attention_ms']:.1f} | {p['attention_share']:.3f} | "
+                         f"{fa4:.1f} | {flops / (fa4 / 1e3) / 1e12:.0f} |" if fa4 else
+                         f"| {n} | {p['kernel_time_ms']:.1f} | {p['attention_ms']:.1f} | {p['attention_share']:.3f} | - | - |")
     text = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "e2e.md").write_text(text)

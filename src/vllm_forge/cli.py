@@ -75,8 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--index-url", help="package index for the host's forge and the image's pip (default: PyPI)")
     d.add_argument("--ca-bundle", type=Path,
                    help="CA bundle for the build's HTTPS (secret ca-bundle; default: PIP_CERT/SSL_CERT_FILE if set)")
+    d.add_argument("--fa4-cache", type=Path,
+                   help="an FA4 kernel cache made by `vllm-forge fa4-cache` with this forged wheel: into the image")
     d.add_argument("--isolation", help="buildah/podman --isolation (default: chroot unless BUILDAH_ISOLATION is set)")
 
+    kc = sub.add_parser("fa4-cache", help="compile a model's FA4 kernels ahead of time (GPU machine, forged "
+                        "wheel installed): a cache for `vllm-forge docker --fa4-cache`")
+    kc.add_argument("--model", required=True, help="HF model id or directory (only its config is read)")
+    kc.add_argument("--out", type=Path, required=True, help="cache directory (kept kernels of earlier runs)")
+    kc.add_argument("--python", help="interpreter with the forged vLLM installed (default: this one)")
+    kc.add_argument("--layers", type=int, help="start the model with its first N layers (each layer type kept)")
+    kc.add_argument("--tensor-parallel-size", type=int, default=1)
+    kc.add_argument("--dtype", default="auto")
+    kc.add_argument("--max-model-len", type=int)
+    kc.add_argument("--max-num-batched-tokens", type=int)
+    kc.add_argument("--block-size", type=int, help="only if serving sets it too (the kernels depend on it)")
+    kc.add_argument("--kv-cache-dtype")
+    kc.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    kc.add_argument("--trust-remote-code", action="store_true")
     lk = sub.add_parser("lock", help="hash-pinned requirements for `pip install --require-hashes` of a wheel")
     lk.add_argument("wheel", type=Path)
     lk.add_argument("--out", type=Path, help="requirements file (default: <wheel>.lock.txt beside it)")
@@ -120,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             from .docker import docker
 
             print(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
-                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation))
+                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache))
+        elif args.cmd == "fa4-cache":
+            from .kernel_cache import CacheRequest, produce
+
+            made = produce(CacheRequest(args.model, args.out, args.python, args.layers, args.tensor_parallel_size,
+                                        args.dtype, args.max_model_len, args.max_num_batched_tokens,
+                                        args.block_size, args.kv_cache_dtype, args.gpu_memory_utilization,
+                                        args.trust_remote_code))
+            print(f"{args.out}: {len(made['kernels'])} FA4 kernel(s) for vllm {made['vllm']}")
         elif args.cmd == "lock":
             from .lock import lock
 

@@ -5,7 +5,9 @@ same Dockerfile; buildah and podman need no daemon).
 A build forges the wheel on this host first (sha256-checked inputs, the same bytes as in the
 builder): its sha256 and its provenance stamp become labels, the builder refuses to continue
 if its own wheel differs, and the verified base wheel is handed to the builder as the build
-context `wheels` so that it is not downloaded twice."""
+context `wheels` so that it is not downloaded twice. An FA4 kernel cache (`--fa4-cache`, made by
+`vllm-forge fa4-cache` with the same forged wheel) is checked against its manifest and goes in as
+the build context `fa4cache`."""
 
 from __future__ import annotations
 
@@ -171,8 +173,15 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def docker(version: str | None, out: Path, build: bool, context: Path, tag: str | None,
            engine: str = "auto", builder_image: str | None = None, runtime_image: str | None = None,
-           index_url: str | None = None, ca_bundle: Path | None = None, isolation: str | None = None) -> Path:
+           index_url: str | None = None, ca_bundle: Path | None = None, isolation: str | None = None,
+           fa4_cache: Path | None = None) -> Path:
     rendered = render(version, out)
+    if fa4_cache is not None:
+        from .kernel_cache import check_cache
+
+        made = check_cache(fa4_cache, rendered.version)
+        print(f"FA4 kernel cache {fa4_cache}: {len(made['kernels'])} kernel(s) for {rendered.version}",
+              file=sys.stderr)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
     if not build:
         return rendered.dockerfile
@@ -208,9 +217,16 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     if isolation is None and chosen != "docker" and not os.environ.get("BUILDAH_ISOLATION"):
         isolation = "chroot"  # runs where no OCI runtime can (no nested namespaces/cgroups needed)
     image_tag = tag or f"localhost/vllm-forge/vllm:{rendered.version.replace('+', '-')}"
-    with tempfile.TemporaryDirectory(prefix="vllm-forge-wheels-", dir=out) as wheels:
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-wheels-", dir=out) as wheels, \
+            tempfile.TemporaryDirectory(prefix="vllm-forge-fa4cache-", dir=out) as kernels:
         link_or_copy(cache_dir() / "dl" / rendered.base_wheel, Path(wheels) / rendered.base_wheel)
-        spec = ImageBuild(chosen, rendered.dockerfile, context, image_tag, build_args, {"wheels": Path(wheels)},
+        contexts = {"wheels": Path(wheels)}
+        if fa4_cache is not None:
+            from .kernel_cache import stage_cache
+
+            stage_cache(fa4_cache, Path(kernels))
+            contexts["fa4cache"] = Path(kernels)
+        spec = ImageBuild(chosen, rendered.dockerfile, context, image_tag, build_args, contexts,
                           {"ca-bundle": ca} if ca else {}, timestamp, isolation)
         cmd = engine_command(spec)
         when = datetime.fromtimestamp(timestamp, timezone.utc).isoformat()

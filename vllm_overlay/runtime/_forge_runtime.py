@@ -23,6 +23,16 @@ for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
    head-512 global layers, half the per-token bytes of its head-256 sliding layers, get 64).
    ``VLLM_FORGE_FA4_PAGE64=0`` or an explicit ``--block-size`` keeps vLLM's choice.
 
+4. **One real serving step at start-up**: vLLM's own warm-up runs dummy forwards whose attention
+   metadata and slot mapping are not those of a request, so the first request still paid first-use
+   costs (on 0.22.1: the Triton JIT of ``_compute_slot_mapping_kernel``, ~0.5 s; vLLM's JIT monitor
+   logs it). Before vLLM starts that monitor, the worker runs what the scheduler would send for two
+   requests (a long prompt and a short one): a prefill step, a decode step of both, a decode step of
+   one, then frees them, through ``Worker.execute_model``/``sample_tokens`` (as vLLM's V2 model
+   runner does with short prompts). RNG state is restored afterwards. ``VLLM_FORGE_SERVING_WARMUP=0``
+   turns it off; it is skipped (with a log line) for pipeline parallelism, speculative decoding,
+   KV transfer, pooling and Mamba-state models.
+
 ``VLLM_FORGE_RUNTIME=0`` turns the whole layer off. Hooks that a release lacks are skipped with a
 log line; nothing here is needed for correctness.
 """
@@ -274,6 +284,172 @@ def fa4_warmup(worker: Any) -> None:
                     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") == "1" else "no on-disk cache")
 
 
+# ---------------------------------------------------------------- 4. one real serving step
+JIT_MONITORS = ("vllm.triton_utils.jit_monitor", "vllm.utils.jit_monitor")  # 0.22.x, 0.26+
+WARMUP_IDS = ("_vllm_forge_warmup_a_", "_vllm_forge_warmup_b_")
+
+
+def warmup_lengths(max_batched: int, max_model_len: int, short: int = 17) -> tuple[int, int] | None:
+    """Prompt lengths of the two warm-up requests: a long one and a short one whose sum is a multiple
+    of 16 (Triton specialises integer arguments on ==1 and %16==0; the decode steps give 2 and 1)."""
+    long_ = min(max_batched - short, max_model_len - 3)
+    long_ -= (long_ + short) % 16
+    return (long_, short) if long_ > short else None
+
+
+def _skip_reason(worker: Any) -> str | None:
+    cfg = worker.vllm_config
+    runner = getattr(worker, "model_runner", None)
+    if getattr(cfg.parallel_config, "pipeline_parallel_size", 1) > 1:
+        return "pipeline parallelism"
+    if getattr(cfg, "speculative_config", None) is not None:
+        return "speculative decoding"
+    if getattr(cfg, "kv_transfer_config", None) is not None:
+        return "KV transfer"
+    if runner is None or getattr(runner, "is_pooling_model", False):
+        return "pooling model"
+    groups = getattr(getattr(runner, "kv_cache_config", None), "kv_cache_groups", None)
+    if not groups:
+        return "no KV cache groups"
+    if any("Mamba" in type(g.kv_cache_spec).__name__ for g in groups):
+        return "Mamba state"
+    if not hasattr(worker, "execute_model") or not hasattr(worker, "sample_tokens"):
+        return "this vLLM has no Worker.sample_tokens"
+    return None
+
+
+def serving_steps(runner: Any, lengths: tuple[int, int]) -> list[Any]:
+    """SchedulerOutputs of the warm-up, as vLLM's scheduler would send them: prefill of requests A
+    (long) and B (short), decode of both, decode of A with B finished, then A finished."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+    from vllm.v1.request import Request
+
+    groups = runner.kv_cache_config.kv_cache_groups
+    sizes = [g.kv_cache_spec.block_size for g in groups]
+    vocab = runner.model_config.get_vocab_size()
+    ids = WARMUP_IDS
+    final = {rid: n + 2 for rid, n in zip(ids, lengths)}  # tokens held after both decode steps
+    need = sum(-(-final[rid] // bs) for rid in ids for bs in sizes)
+    if need + 1 > runner.kv_cache_config.num_blocks:
+        raise ValueError(f"{need} KV blocks needed, {runner.kv_cache_config.num_blocks} in the cache")
+    nxt = 1  # block 0 is the null block
+    blocks: dict[str, list[list[int]]] = {}
+    for rid in ids:
+        blocks[rid] = []
+        for bs in sizes:
+            n = -(-final[rid] // bs)
+            blocks[rid].append(list(range(nxt, nxt + n)))
+            nxt += n
+    sp = SamplingParams.for_sampler_warmup() if hasattr(SamplingParams, "for_sampler_warmup") else SamplingParams()
+    sp.max_tokens = 4
+
+    def prompt(n: int, salt: int) -> list[int]:
+        return [(7 * i + salt) % vocab for i in range(n)]
+
+    def step(num: dict[str, int], finished: set[str]) -> Any:
+        so = SchedulerOutput.make_empty()
+        so.num_scheduled_tokens = num
+        so.total_num_scheduled_tokens = sum(num.values())
+        so.num_common_prefix_blocks = [0] * len(groups)
+        so.finished_req_ids = finished
+        return so
+
+    pre = step({rid: n for rid, n in zip(ids, lengths)}, set())
+    pre.scheduled_new_reqs = [
+        NewRequestData.from_request(Request(rid, prompt(n, i), sp, None),
+                                    block_ids=tuple(blocks[rid]), prefill_token_ids=prompt(n, i))
+        for i, (rid, n) in enumerate(zip(ids, lengths))]
+    out = [pre]
+    for k, live in enumerate((ids, ids[:1])):
+        so = step({rid: 1 for rid in live}, set(ids) - set(live))
+        cached = CachedRequestData.make_empty()
+        cached.req_ids = list(live)
+        cached.num_computed_tokens = [lengths[ids.index(rid)] + k for rid in live]
+        cached.num_output_tokens = [k + 1 for _ in live]
+        cached.new_block_ids = [None for _ in live]
+        so.scheduled_cached_reqs = cached
+        out.append(so)
+    out.append(step({}, {ids[0]}))
+    return out
+
+
+def serving_warmup(worker: Any) -> None:
+    if not _on("VLLM_FORGE_SERVING_WARMUP"):
+        logger.info("vllm-forge: serving warm-up off (VLLM_FORGE_SERVING_WARMUP=0)")
+        return
+    reason = _skip_reason(worker)
+    if reason:
+        logger.info("vllm-forge: serving warm-up skipped (%s)", reason)
+        return
+    import torch
+
+    cfg = worker.vllm_config
+    lengths = warmup_lengths(cfg.scheduler_config.max_num_batched_tokens, cfg.model_config.max_model_len)
+    if lengths is None:
+        logger.info("vllm-forge: serving warm-up skipped (batch or model length too small)")
+        return
+    steps = serving_steps(worker.model_runner, lengths)
+    cpu_rng, cuda_rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all()
+    t0 = time.perf_counter()
+    try:
+        for so in steps:
+            worker.execute_model(so)
+            if so.total_num_scheduled_tokens:
+                worker.sample_tokens(None)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception:
+        try:  # leave no warm-up request in the persistent batch
+            steps[-1].finished_req_ids = set(WARMUP_IDS)
+            worker.execute_model(steps[-1])
+        except Exception:
+            pass
+        raise
+    finally:
+        torch.random.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state_all(cuda_rng)
+    logger.info("vllm-forge: serving warm-up: prefill of %d + %d tokens, 2 decode steps: %.2f s",
+                lengths[0], lengths[1], time.perf_counter() - t0)
+
+
+class _BeforeJitMonitor:
+    """Runs `first` once when vLLM's warm-up starts its JIT monitor (so that what `first` compiles
+    is not reported as a compile during inference), or at exit if it never did."""
+
+    def __init__(self, first: Callable[[], None]) -> None:
+        self.first, self.ran, self.saved = first, False, []  # type: list[tuple[Any, Any]]
+
+    def run_first(self) -> None:
+        if not self.ran:
+            self.ran = True
+            self.first()
+
+    def __enter__(self) -> "_BeforeJitMonitor":
+        import importlib
+        for name in JIT_MONITORS:
+            try:
+                mod = importlib.import_module(name)
+            except Exception:
+                continue
+            orig = getattr(mod, "activate", None)
+            if orig is None:
+                continue
+
+            def activate(*a: Any, _orig: Any = orig, **k: Any) -> Any:
+                self.run_first()
+                return _orig(*a, **k)
+            self.saved.append((mod, orig))
+            mod.activate = activate
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, orig in self.saved:
+            mod.activate = orig
+        if exc[0] is None:
+            self.run_first()
+
+
 def _patch_worker(module: Any) -> None:
     def wrap(orig: Any) -> Callable[..., Any]:
         def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -282,7 +458,15 @@ def _patch_worker(module: Any) -> None:
             except Exception as e:
                 logger.warning("vllm-forge: FA4 start-up compile failed (%s: %s); kernels compile on first use",
                                type(e).__name__, e)
-            return orig(self, *args, **kwargs)
+
+            def step() -> None:
+                try:
+                    serving_warmup(self)
+                except Exception as e:
+                    logger.warning("vllm-forge: serving warm-up failed (%s: %s); the first request pays its "
+                                   "first-use costs", type(e).__name__, e)
+            with _BeforeJitMonitor(step):
+                return orig(self, *args, **kwargs)
         return compile_or_warm_up_model
 
     _hook(getattr(module, "Worker", None), "Worker.compile_or_warm_up_model", "no FA4 start-up compile", wrap)
