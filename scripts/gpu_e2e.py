@@ -344,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
                "VLLM_FORGE_FA4_CACHE_DIR": str(prebuilt if extra.get("E2E_CACHE") == "prebuilt" else cache),
                # flashinfer is not carried (greedy sampling never needs its top-k/top-p kernels)
                "VLLM_USE_FLASHINFER_SAMPLER": "0",
-               "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"), **extra}
+               "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"),
+               **({"E2E_WORKLOADS": args.workloads} if args.workloads else {}), **extra}
         if name == "forged-default":
             subprocess.run(["rm", "-rf", str(cache)])
         # forged-keymiss: one more .py in FA4's cute/ changes FA4's source fingerprint (its cache key)
@@ -507,6 +508,8 @@ def main() -> int:
     r.add_argument("--layers", type=int, default=6)
     r.add_argument("--vocab", type=int, default=16384)
     r.add_argument("--profile", action="store_true")
+    r.add_argument("--workloads", help="what configurations without their own choice run (default: "
+                   "ttft,prefill,decode,profile)")
     r.add_argument("--timeout", type=int, default=420)
     c = sub.add_parser("child")
     c.add_argument("name", choices=list(CONFIGS))
