@@ -361,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             extra_src.unlink(missing_ok=True)
         rc |= _tail(name, r.returncode, time.perf_counter() - t)
-    report([p for p in sorted(OUT.glob("e2e_*.json")) if p.name not in ("e2e_model.json", "e2e_hf.json")])
+    report([p for p in sorted(OUT.glob("e2e_*.json"))
+            if p.name not in ("e2e_model.json", "e2e_hf.json", "e2e_prebuilt_manifest.json")])
     return rc
 
 
@@ -384,7 +385,7 @@ def make_prebuilt(args: argparse.Namespace, model: Path, prebuilt: Path, site: l
            "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_CACHE_ROOT": str(Path(args.work) / "vllm-cache-forged")}
     cmd = [sys.executable, "-m", "vllm_forge.cli", "fa4-cache", "--model", str(model), "--out", str(prebuilt),
            "--max-model-len", str(TTFT_LEN + 256), "--max-num-batched-tokens", "16384",
-           "--gpu-memory-utilization", "0.85"]
+           "--gpu-memory-utilization", "0.85", "--attention-backend", "FLASH_ATTN"]
     print("== prebuilt: " + " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()
     with open(OUT / "e2e_prebuilt.log", "w") as log:

@@ -52,3 +52,102 @@ def test_forged_wheel_carries_runtime(forged_tune_wheel: Path | None = None) -> 
         assert ".nort" in nort.name and nort.name != whl.name
         with zipfile.ZipFile(nort) as zf:
             assert "vllm/_forge_runtime.py" not in zf.namelist()
+
+
+# ---------------------------------------------------------------- serving warm-up
+def test_warmup_lengths_cover_triton_specialisations() -> None:
+    long_, short = rt.warmup_lengths(16384, 8448)
+    assert (long_ + short) % 16 == 0 and long_ + 2 <= 8448 - 1 and long_ + short <= 16384
+    assert rt.warmup_lengths(8192, 131072) == (8175, 17)
+    assert rt.warmup_lengths(32, 32) is None  # too small for a long and a short prompt
+
+
+def _fake_worker(calls: list, **over: object) -> object:
+    import types
+    group = lambda bs: types.SimpleNamespace(kv_cache_spec=types.SimpleNamespace(block_size=bs))  # noqa: E731
+    runner = types.SimpleNamespace(kv_cache_config=types.SimpleNamespace(kv_cache_groups=[group(32), group(64)],
+                                                                         num_blocks=over.pop("num_blocks", 10000)),
+                                   model_config=types.SimpleNamespace(get_vocab_size=lambda: 1000),
+                                   is_pooling_model=False)
+    cfg = types.SimpleNamespace(parallel_config=types.SimpleNamespace(pipeline_parallel_size=over.pop("pp", 1)),
+                                speculative_config=over.pop("spec", None), kv_transfer_config=None,
+                                scheduler_config=types.SimpleNamespace(max_num_batched_tokens=4096),
+                                model_config=types.SimpleNamespace(max_model_len=2048))
+
+    class Worker:
+        model_runner, vllm_config = runner, cfg
+
+        def execute_model(self, so: object) -> None:
+            calls.append(("execute", so))
+
+        def sample_tokens(self, grammar: object) -> None:
+            calls.append(("sample", grammar))
+    return Worker()
+
+
+def test_serving_warmup_skips_what_it_cannot_drive(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+    caplog.set_level(logging.INFO, logger="vllm.forge_runtime")
+    for over, reason in (({"pp": 2}, "pipeline parallelism"), ({"spec": object()}, "speculative decoding")):
+        calls: list = []
+        rt.serving_warmup(_fake_worker(calls, **over))
+        assert calls == [] and f"serving warm-up skipped ({reason})" in caplog.text
+
+
+def test_jit_monitor_starts_after_the_warmup(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's warm-up ends by starting its JIT monitor: the serving warm-up runs right before it (so its
+    compiles are not reported as compiles during inference), once, and the monitor still starts."""
+    import sys
+    import types
+    order: list[str] = []
+    mod = types.ModuleType("vllm.utils.jit_monitor")
+    mod.activate = lambda mode=None: order.append(f"monitor {mode}")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm.utils.jit_monitor", mod)
+    monkeypatch.setattr(rt, "JIT_MONITORS", ("vllm.utils.jit_monitor",))
+    with rt._BeforeJitMonitor(lambda: order.append("warm-up")):
+        sys.modules["vllm.utils.jit_monitor"].activate(mode="warn")  # what vLLM's compile_or_warm_up_model does
+        order.append("freeze")
+    assert order == ["warm-up", "monitor warn", "freeze"]
+    order.clear()
+    with rt._BeforeJitMonitor(lambda: order.append("warm-up")):  # a release without the monitor call
+        order.append("capture")
+    assert order == ["capture", "warm-up"] and mod.activate.__name__ == "<lambda>"
+
+
+STEP_API = {  # what serving_steps uses of vLLM's scheduler output and request classes
+    "vllm/v1/core/sched/output.py": {
+        "SchedulerOutput": {"make_empty", "scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+                            "total_num_scheduled_tokens", "num_common_prefix_blocks", "finished_req_ids"},
+        "CachedRequestData": {"make_empty", "req_ids", "num_computed_tokens", "num_output_tokens", "new_block_ids"},
+        "NewRequestData": {"from_request"},
+    },
+    "vllm/v1/request.py": {"Request": {"__init__"}},
+    "vllm/v1/worker/gpu_worker.py": {"Worker": {"execute_model", "sample_tokens", "compile_or_warm_up_model"}},
+}
+
+
+def test_serving_steps_match_each_release_api(pins) -> None:  # type: ignore[no-untyped-def]
+    """The warm-up builds what vLLM's scheduler sends: the fields and methods it sets exist in the
+    real sources of every release whose wheel the tests download (parsed, not imported)."""
+    import ast
+    from conftest import real_wheel
+
+    checked = []
+    for version in ("0.17.0", "0.19.1", "0.22.1", "0.25.1", "0.33.0"):
+        with zipfile.ZipFile(real_wheel(version)) as zf:
+            for member, classes in STEP_API.items():
+                tree = ast.parse(zf.read(member))
+                for cls, needed in classes.items():
+                    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+                    names = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                    names |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+                    assert needed <= names, f"{version} {cls} lacks {needed - names}"
+                    if cls == "Request":
+                        init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+                        assert [a.arg for a in init.args.args[1:5]] == ["request_id", "prompt_token_ids",
+                                                                        "sampling_params", "pooling_params"], version
+                    if cls == "NewRequestData":
+                        fr = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "from_request")
+                        assert {"request", "block_ids", "prefill_token_ids"} <= {a.arg for a in fr.args.args}, version
+        checked.append(version)
+    assert len(checked) == 5

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--max-num-batched-tokens", type=int)
     kc.add_argument("--block-size", type=int, help="only if serving sets it too (the kernels depend on it)")
     kc.add_argument("--kv-cache-dtype")
+    kc.add_argument("--attention-backend", help="as serving sets it (e.g. FLASH_ATTN: vLLM may pick another)")
     kc.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     kc.add_argument("--trust-remote-code", action="store_true")
     lk = sub.add_parser("lock", help="hash-pinned requirements for `pip install --require-hashes` of a wheel")
@@ -140,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "fa4-cache":
             from .kernel_cache import CacheRequest, produce
 
-            made = produce(CacheRequest(args.model, args.out, args.python, args.layers, args.tensor_parallel_size,
-                                        args.dtype, args.max_model_len, args.max_num_batched_tokens,
-                                        args.block_size, args.kv_cache_dtype, args.gpu_memory_utilization,
-                                        args.trust_remote_code))
+            made = produce(CacheRequest(
+                args.model, args.out, python=args.python, layers=args.layers,
+                tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
+                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
+                gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code))
             print(f"{args.out}: {len(made['kernels'])} FA4 kernel(s) for vllm {made['vllm']}")
         elif args.cmd == "lock":
             from .lock import lock

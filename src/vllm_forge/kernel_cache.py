@@ -38,6 +38,7 @@ class CacheRequest:
     max_num_batched_tokens: int | None = None
     block_size: int | None = None
     kv_cache_dtype: str | None = None
+    attention_backend: str | None = None
     gpu_memory_utilization: float = 0.9
     trust_remote_code: bool = False
 
@@ -48,7 +49,8 @@ def child_command(req: CacheRequest, error_file: Path) -> list[str]:
            "--dtype", req.dtype, "--gpu-memory-utilization", str(req.gpu_memory_utilization)]
     for flag, value in (("--layers", req.layers), ("--max-model-len", req.max_model_len),
                         ("--max-num-batched-tokens", req.max_num_batched_tokens),
-                        ("--block-size", req.block_size), ("--kv-cache-dtype", req.kv_cache_dtype)):
+                        ("--block-size", req.block_size), ("--kv-cache-dtype", req.kv_cache_dtype),
+                        ("--attention-backend", req.attention_backend)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd + (["--trust-remote-code"] if req.trust_remote_code else [])

@@ -27,7 +27,7 @@ SWITCHES = ("VLLM_FORGE_RUNTIME", "VLLM_FORGE_FA4_CACHE", "VLLM_FORGE_FA4_WARMUP
 
 class Refusal(Exception):
     def __init__(self, what: str, hint: str) -> None:
-        super().__init__(what)
+        super().__init__(f"{what} -- {hint}")
         self.what, self.hint = what, hint
 
 
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> None:
                               enforce_eager=True, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               trust_remote_code=args.trust_remote_code)
+    if args.attention_backend:
+        kw["attention_config"] = {"backend": args.attention_backend}
     for key in ("max_model_len", "block_size", "max_num_batched_tokens", "kv_cache_dtype"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
@@ -114,14 +116,15 @@ def run(args: argparse.Namespace) -> None:
                    f"{cfg.cache_config.cache_dtype}|block{cfg.cache_config.block_size}",
              "model": args.model, "layers": args.layers, "tensor_parallel_size": args.tensor_parallel_size,
              "dtype": str(cfg.model_config.dtype), "kv_cache_dtype": str(cfg.cache_config.cache_dtype),
-             "block_size": cfg.cache_config.block_size}
+             "block_size": cfg.cache_config.block_size, "attention_backend": args.attention_backend}
     del llm
     path = out / MANIFEST
     old = json.loads(path.read_text()) if path.is_file() else None
     files = kernels(out)
     if not files:
-        raise Refusal("the engine started but no FA4 kernel was stored (the model has no FA4 layers here, "
-                      "or this GPU is not one FA4 serves)", "see the vllm-forge: log lines above")
+        raise Refusal("the engine started but no FA4 kernel was stored (no layer of the model ran FA4: vLLM "
+                      "may have chosen another attention backend, or this GPU is not one FA4 serves)",
+                      "give --attention-backend FLASH_ATTN as serving does, and see the vllm-forge: log lines")
     manifest = merge_manifest(old, metadata.version("vllm"), sha256(Path(runtime.origin)), model, files)
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -142,6 +145,7 @@ def main() -> NoReturn:
     ap.add_argument("--max-num-batched-tokens", type=int)
     ap.add_argument("--block-size", type=int)
     ap.add_argument("--kv-cache-dtype")
+    ap.add_argument("--attention-backend")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--trust-remote-code", action="store_true")
     args = ap.parse_args()

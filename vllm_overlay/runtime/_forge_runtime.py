@@ -31,7 +31,9 @@ for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
    one, then frees them, through ``Worker.execute_model``/``sample_tokens`` (as vLLM's V2 model
    runner does with short prompts). RNG state is restored afterwards. ``VLLM_FORGE_SERVING_WARMUP=0``
    turns it off; it is skipped (with a log line) for pipeline parallelism, speculative decoding,
-   KV transfer, pooling and Mamba-state models.
+   KV transfer, pooling and Mamba-state models. In the front-end process, the first request's
+   scan of installed logits-processor plugins (``importlib.metadata`` entry points, cached after
+   the first call) is done when the ``InputProcessor`` is made.
 
 ``VLLM_FORGE_RUNTIME=0`` turns the whole layer off. Hooks that a release lacks are skipped with a
 log line; nothing here is needed for correctness.
@@ -472,10 +474,29 @@ def _patch_worker(module: Any) -> None:
     _hook(getattr(module, "Worker", None), "Worker.compile_or_warm_up_model", "no FA4 start-up compile", wrap)
 
 
+def _patch_input_processor(module: Any) -> None:
+    def wrap(orig: Any) -> Callable[..., None]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            orig(self, *args, **kwargs)
+            if not _on("VLLM_FORGE_SERVING_WARMUP"):
+                return
+            try:  # what the first request's SamplingParams.verify would load (lru-cached by vLLM)
+                from vllm import SamplingParams
+                from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+                validate_logits_processors_parameters(self.model_config.logits_processors, SamplingParams())
+            except Exception as e:
+                logger.debug("vllm-forge: logits-processor plugins not preloaded: %s", e)
+        return __init__
+
+    _hook(getattr(module, "InputProcessor", None), "InputProcessor.__init__", "no front-end warm-up", wrap)
+
+
 # ---------------------------------------------------------------- wiring
 PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.platforms.interface": _patch_platform,
     "vllm.v1.worker.gpu_worker": _patch_worker,
+    "vllm.v1.engine.input_processor": _patch_input_processor,
 }
 
 
