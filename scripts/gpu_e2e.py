@@ -458,7 +458,8 @@ def report(paths: list[Path]) -> None:
         lps = [x for g in r["greedy"] for x in g["logprobs"]]
         agree = (f"{sum(g['tokens'][0] == h['token'] for g, h in zip(r['greedy'], hf))}/{len(hf)}" if hf else "-")
         sanity.append(f"| {name} | {len(set(toks))} | {sum(lps) / len(lps):.3f} | {agree} |")
-    lines += sanity
+    if len(sanity) > 3:
+        lines += sanity
     prof = [(n, r) for n, r in rs.items() if r.get("profile")]
     if prof:
         lines += ["", "| config | prefill step kernel time ms | attention ms | attention share | head-512 FA4 kernel ms "
