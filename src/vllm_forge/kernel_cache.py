@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ForgeError
-from .kernel_cache_child import MANIFEST
+from .kernel_cache_child import MANIFEST, kernels
 
 CHILD = Path(__file__).with_name("kernel_cache_child.py")
 
@@ -107,8 +107,6 @@ def read_manifest(cache: Path) -> dict[str, Any]:
 
 def check_cache(cache: Path, forged_version: str) -> dict[str, Any]:
     """The cache belongs to this forged vLLM and every kernel is the one the manifest names."""
-    from .kernel_cache_child import kernels
-
     manifest = read_manifest(cache)
     if manifest["vllm"] != forged_version:
         raise ForgeError(f"the FA4 kernel cache {cache} was made with vllm {manifest['vllm']}, the image gets "
@@ -123,8 +121,6 @@ def check_cache(cache: Path, forged_version: str) -> dict[str, Any]:
 
 def stage_cache(cache: Path, dest: Path) -> int:
     """Copy the kernels and the manifest (not FA4's lock files) into a build context; returns the count."""
-    from .kernel_cache_child import kernels
-
     n = 0
     for rel in [*kernels(cache), MANIFEST]:
         target = dest / rel

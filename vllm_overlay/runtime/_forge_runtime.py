@@ -25,8 +25,8 @@ for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
 
 4. **One real serving step at start-up**: vLLM's own warm-up runs dummy forwards whose attention
    metadata and slot mapping are not those of a request, so the first request still paid first-use
-   costs (on 0.22.1: the Triton JIT of ``_compute_slot_mapping_kernel``, ~0.5 s; vLLM's JIT monitor
-   logs it). Before vLLM starts that monitor, the worker runs what the scheduler would send for two
+   costs (on 0.22.1: the Triton JIT of ``_compute_slot_mapping_kernel``, which vLLM's JIT monitor
+   reports, and the cuBLAS kernels of prefill-sized GEMMs). Before vLLM starts that monitor, the worker runs what the scheduler would send for two
    requests (a long prompt and a short one): a prefill step, a decode step of both, a decode step of
    one, then frees them, through ``Worker.execute_model``/``sample_tokens`` (as vLLM's V2 model
    runner does with short prompts). RNG state is restored afterwards. ``VLLM_FORGE_SERVING_WARMUP=0``
