@@ -35,6 +35,8 @@ SHAPE = HERE / "data" / "gemma4-31b-shape.json"
 PREFILL = (32, 8192)      # prompts x tokens, 1 output token
 DECODE = (64, 1024, 256)  # prompts x tokens, output tokens
 TTFT_LEN = 8192
+MAX_BATCHED = 16384       # max_num_batched_tokens of every engine (and of the fa4-cache run)
+GPU_MEMORY = 0.85         # gpu_memory_utilization, likewise
 GREEDY_N = 8              # prompts of the decode set whose tokens/logprobs are compared
 
 # name -> (tree, attention backend, block size or None for the default, extra environment). In the
@@ -181,8 +183,8 @@ def child(args: argparse.Namespace) -> int:
     t_import = time.perf_counter() - t_start
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     kw = dict(model=args.model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=TTFT_LEN + 256,
-              gpu_memory_utilization=0.85, enable_prefix_caching=False, max_num_seqs=64,
-              max_num_batched_tokens=16384, seed=0, attention_config={"backend": backend})
+              gpu_memory_utilization=GPU_MEMORY, enable_prefix_caching=False, max_num_seqs=64,
+              max_num_batched_tokens=MAX_BATCHED, seed=0, attention_config={"backend": backend})
     if block is not None:
         kw["block_size"] = block
     t0 = time.perf_counter()
@@ -338,13 +340,9 @@ def run(args: argparse.Namespace) -> int:
             rc |= make_prebuilt(args, model, prebuilt, site)
             continue
         tree, _, _, extra = CONFIGS[name]
-        tree_dir = {"stock": args.stock, "forged": args.forged}[tree]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree_dir, *site]),
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        tree_dir = getattr(args, tree)  # args.stock or args.forged
+        env = {**_engine_env(args, tree, site), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "VLLM_FORGE_FA4_CACHE_DIR": str(prebuilt if extra.get("E2E_CACHE") == "prebuilt" else cache),
-               # flashinfer is not carried (greedy sampling never needs its top-k/top-p kernels)
-               "VLLM_USE_FLASHINFER_SAMPLER": "0",
-               "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}"),
                **({"E2E_WORKLOADS": args.workloads} if args.workloads else {}), **extra}
         if name == "forged-default":
             subprocess.run(["rm", "-rf", str(cache)])
@@ -366,6 +364,15 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
+def _engine_env(args: argparse.Namespace, tree: str, paths: list[str]) -> dict[str, str]:
+    """What every vLLM process of the run gets: the tree first on the path, its own compile cache."""
+    tree_dir = getattr(args, tree)  # args.stock or args.forged
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([tree_dir, *paths]),
+            # flashinfer is not carried (greedy sampling never needs its top-k/top-p kernels)
+            "VLLM_USE_FLASHINFER_SAMPLER": "0",
+            "VLLM_CACHE_ROOT": str(Path(args.work) / f"vllm-cache-{tree}")}
+
+
 def _tail(name: str, returncode: int, seconds: float) -> int:
     tail = (OUT / f"e2e_{name}.log").read_text().splitlines()
     print(f"   rc={returncode} {seconds:.0f} s; " + (tail[-1][:600] if tail else ""), flush=True)
@@ -381,11 +388,10 @@ def _tail(name: str, returncode: int, seconds: float) -> int:
 def make_prebuilt(args: argparse.Namespace, model: Path, prebuilt: Path, site: list[str]) -> int:
     """`vllm-forge fa4-cache` (this checkout's CLI) with the forged tree: a fresh cache of its own."""
     subprocess.run(["rm", "-rf", str(prebuilt)])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.forged, *site, str(HERE.parent / "src")]),
-           "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_CACHE_ROOT": str(Path(args.work) / "vllm-cache-forged")}
+    env = _engine_env(args, "forged", [*site, str(HERE.parent / "src")])
     cmd = [sys.executable, "-m", "vllm_forge.cli", "fa4-cache", "--model", str(model), "--out", str(prebuilt),
-           "--max-model-len", str(TTFT_LEN + 256), "--max-num-batched-tokens", "16384",
-           "--gpu-memory-utilization", "0.85", "--attention-backend", "FLASH_ATTN"]
+           "--max-model-len", str(TTFT_LEN + 256), "--max-num-batched-tokens", str(MAX_BATCHED),
+           "--gpu-memory-utilization", str(GPU_MEMORY), "--attention-backend", "FLASH_ATTN"]
     print("== prebuilt: " + " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()
     with open(OUT / "e2e_prebuilt.log", "w") as log:

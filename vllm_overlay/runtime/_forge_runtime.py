@@ -331,18 +331,16 @@ def serving_steps(runner: Any, lengths: tuple[int, int]) -> list[Any]:
     sizes = [g.kv_cache_spec.block_size for g in groups]
     vocab = runner.model_config.get_vocab_size()
     ids = WARMUP_IDS
-    final = {rid: n + 2 for rid, n in zip(ids, lengths)}  # tokens held after both decode steps
-    need = sum(-(-final[rid] // bs) for rid in ids for bs in sizes)
-    if need + 1 > runner.kv_cache_config.num_blocks:
-        raise ValueError(f"{need} KV blocks needed, {runner.kv_cache_config.num_blocks} in the cache")
     nxt = 1  # block 0 is the null block
     blocks: dict[str, list[list[int]]] = {}
-    for rid in ids:
+    for rid, n in zip(ids, lengths):
         blocks[rid] = []
         for bs in sizes:
-            n = -(-final[rid] // bs)
-            blocks[rid].append(list(range(nxt, nxt + n)))
-            nxt += n
+            count = -(-(n + 2) // bs)  # the tokens held after both decode steps
+            blocks[rid].append(list(range(nxt, nxt + count)))
+            nxt += count
+    if nxt > runner.kv_cache_config.num_blocks:
+        raise ValueError(f"{nxt - 1} KV blocks needed, {runner.kv_cache_config.num_blocks} in the cache")
     sp = SamplingParams.for_sampler_warmup() if hasattr(SamplingParams, "for_sampler_warmup") else SamplingParams()
     sp.max_tokens = 4
 
@@ -420,7 +418,8 @@ class _BeforeJitMonitor:
     is not reported as a compile during inference), or at exit if it never did."""
 
     def __init__(self, first: Callable[[], None]) -> None:
-        self.first, self.ran, self.saved = first, False, []  # type: list[tuple[Any, Any]]
+        self.first, self.ran = first, False
+        self.saved: list[tuple[Any, Any]] = []
 
     def run_first(self) -> None:
         if not self.ran:
