@@ -203,14 +203,14 @@ def wait_barrier() -> None:
             time.sleep(2)
 
 
-def renamed_tree(tree: Path, dest: Path) -> Path:
-    """A copy of a side's vllm/vllm_flash_attn as the package vllmb (imports rewritten, as vLLM's CMake
-    rewrites flash_attn.cute), so two trees load in one process."""
+def renamed_tree(tree: Path, dest: Path, package: str = "vllmb") -> Path:
+    """A copy of a side's vllm/vllm_flash_attn as the package `package` (imports rewritten, as vLLM's
+    CMake rewrites flash_attn.cute), so two trees load in one process."""
     if not dest.is_dir():
         for f in (tree / "vllm" / "vllm_flash_attn").rglob("*.py"):
-            out = dest / "vllmb" / "vllm_flash_attn" / f.relative_to(tree / "vllm" / "vllm_flash_attn")
+            out = dest / package / "vllm_flash_attn" / f.relative_to(tree / "vllm" / "vllm_flash_attn")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(f.read_text().replace("vllm.vllm_flash_attn", "vllmb.vllm_flash_attn"))
+            out.write_text(f.read_text().replace("vllm.vllm_flash_attn", f"{package}.vllm_flash_attn"))
     return dest
 
 

@@ -4,7 +4,8 @@ on each runtime set as soon as its wheels are complete (docs/releases.md).
 
   python3 scripts/gpu_series_device.py carry .device/series/batchNN [SETTLE_SECONDS]
   python3 scripts/gpu_series_device.py wait SECONDS        (then the merged report, and logs into $OUT)
-GPU_SERIES_ARGS is passed on to gpu_series.py (e.g. --ab for the timing-only A/B run).
+GPU_SERIES_ARGS is passed on to gpu_series.py (e.g. --ab for the timing-only A/B run);
+GPU_SERIES_NORUN=1 only unpacks (for scripts/gpu_hd512.py).
 
 Pieces (`<file>.<offset>`) collect under /tmp/gs/in (kept while the machine stays warm); a file is
 used once its pieces concatenate to the sha256 of SHA256SUMS (batch00). When every file is there,
@@ -50,6 +51,10 @@ def carry(batch: Path, settle: int) -> None:
         for w in ws:  # in install order: the [cu13] libraries overwrite libs-base's same paths
             with zipfile.ZipFile(files[w]) as zf:
                 zf.extractall(G / "runtime" / name)
+    if os.environ.get("GPU_SERIES_NORUN") == "1":  # unpacked for another harness (gpu_hd512.py)
+        (G / "out" / "run.log").write_text("not started: GPU_SERIES_NORUN=1\n")
+        print(f"unpacked: {sorted(plan)}", flush=True)
+        return
     # one run for every pin: all compile side by side, then each is checked and timed alone
     env = {**os.environ, "OUT": str(G / "out")}
     with open(G / "out" / "run.log", "w") as log:
