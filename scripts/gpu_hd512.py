@@ -266,13 +266,14 @@ def parse_logs(data: Path) -> dict[str, dict[str, Any]]:
     return pins
 
 
-def record(data: Path) -> None:
-    """validation.kernel of each measured series (see the module docstring)."""
+def record(data: Path, root: Path | None = None) -> None:
+    """validation.kernel of each measured series (see the module docstring); root: the series
+    directory (default: the tool's patches/flash-attention)."""
     sys.path.insert(0, str(HERE.parent / "src"))
     from vllm_forge.series import read_manifest, write_manifest
 
     plan = json.loads((data / "plan.json").read_text())
-    manifest = read_manifest()
+    manifest = read_manifest(root)
     for pin, got in sorted(parse_logs(data).items()):
         entry = manifest["series"][plan[pin]["tree_sha256"]]
         if entry.get("validation", {}).get("series") != plan[pin]["series"]:
@@ -304,7 +305,7 @@ def record(data: Path) -> None:
                 f"<= 1.02 (worst {1 / worst[1]:.3f} at hd{worst[0][0]} {worst[0][2]}; the sides are timed in a "
                 "fixed order, after first, and identical cubins read up to 6.7% in favour of the first)")
         print(f"{pin}: {entry['validation']['kernel']['goal']}", file=sys.stderr)
-    write_manifest(manifest)
+    write_manifest(manifest, root)
 
 
 def main() -> int:

@@ -185,3 +185,32 @@ def test_refresh_fa_series_refuses_existing_and_unknown(data_copy: Path) -> None
     _drop_series(data_copy, "bce2942")
     with pytest.raises(ForgeError, match="has no series to port"):
         refresh_fa_series("0.22.0", "0.25.1", data_copy)
+
+
+def test_kernel_records_are_what_the_gpu_logs_say(tmp_path: Path) -> None:
+    """Each series' `validation.kernel` (the head-512 timing and the releases issue's goals) is exactly
+    what scripts/gpu_hd512.py's `record` makes of the committed GPU output: no number in the manifest
+    that the logs do not carry."""
+    import importlib.util
+
+    from vllm_forge.series import read_manifest, series_root
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_hd512", root / "scripts" / "gpu_hd512.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = read_manifest()
+    recorded = {k: v["validation"]["kernel"] for k, v in shipped["series"].items() if "kernel" in v.get("validation", {})}
+    assert len(recorded) == 10
+    work = tmp_path / "fa"
+    shutil.copytree(series_root(), work)
+    stripped = json.loads((work / "manifest.json").read_text())
+    for entry in stripped["series"].values():
+        entry["validation"].pop("kernel", None)
+    (work / "manifest.json").write_text(json.dumps(stripped))
+    data = max((root / "docs" / "data").glob("hd512-*"))
+    mod.record(data, work)
+    again = {k: v["validation"]["kernel"] for k, v in read_manifest(work)["series"].items() if "kernel" in v["validation"]}
+    assert again == recorded
+    assert all(r["goal"].startswith("ok") and r["goal_heads_256_128"].startswith("ok") for r in again.values())
