@@ -111,9 +111,13 @@ def runtime_path(rt: Path) -> list[str]:
 
 
 def check(version: str, cases: list[str], runtime: Path | None = None,
-          edit: Callable[[dict[str, bytes]], dict[str, bytes]] | None = None) -> subprocess.CompletedProcess[str]:
-    """Compile the cases in a child process; edit: a change of the files first (tests)."""
-    files, specs, series = release_tree(version)
+          edit: Callable[[dict[str, bytes]], dict[str, bytes]] | None = None,
+          specs: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Compile the cases in a child process; edit: a change of the files first (tests); specs: another
+    runtime than the validation record's (e.g. a release's own, where its tree was validated with
+    the newest release's)."""
+    files, recorded, series = release_tree(version)
+    specs = specs or recorded
     if edit is not None:
         files = edit(dict(files))
     rt = install_runtime(specs, runtime)
@@ -140,8 +144,10 @@ def main() -> int:
     ap.add_argument("--vllm", required=True, help="release (its FA pin's validated series)")
     ap.add_argument("--runtime", type=Path, help="pip --target directory for the FA4 runtime")
     ap.add_argument("--case", action="append", help=f"HEAD:PAGE:causal|full (default: {' '.join(CASES)})")
+    ap.add_argument("--runtime-specs", help="space-separated name==version list instead of the record's")
     args = ap.parse_args()
-    r = check(args.vllm, args.case or CASES, args.runtime)
+    r = check(args.vllm, args.case or CASES, args.runtime,
+              specs=args.runtime_specs.split() if args.runtime_specs else None)
     print(r.stdout, end="")
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
