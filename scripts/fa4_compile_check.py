@@ -32,6 +32,9 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_series import runtime_path  # the runtime directory + what its .pth files add
+
 PKG = "fa4check"
 CASES = ["512:64:causal", "512:64:full", "512:16:causal", "256:64:causal"]
 
@@ -103,11 +106,6 @@ def install_runtime(specs: list[str], dest: Path | None) -> Path:
                         "--target", str(dest), "--upgrade", *specs], check=True)
         (dest / ".complete").write_text("\n".join(specs) + "\n")
     return dest
-
-
-def runtime_path(rt: Path) -> list[str]:
-    """The runtime directory plus cutlass-dsl's package folder (its .pth is not read under --target)."""
-    return [str(rt), *(str(d) for d in sorted(rt.glob("nvidia_cutlass_dsl/*_packages")) if d.is_dir())]
 
 
 def check(version: str, cases: list[str], runtime: Path | None = None,
