@@ -80,7 +80,6 @@ def child(sides: list[str], shapes: list[str], calls: int, ncu: bool, eager_too:
     import torch
     from gpu_common import (
         best_ms,
-        causal_flops,
         make_paged,
         paged_varlen,
         reference,
@@ -128,13 +127,13 @@ def child(sides: list[str], shapes: list[str], calls: int, ncu: bool, eager_too:
                 if eager_too:
                     out = torch.empty_like(p.q)
                     eager[s] = min(eager[s], best_ms(lambda c=c, p=p, out=out: c(p, out, HD), 5, reps=3))
-        flops = causal_flops(seqs, HQ, HD) if causal else sum(4 * HQ * HD * q * k for q, k in seqs)
+        work_flops = flops(name)
         iters, tiles = work(seqs, causal)
         for s in fns:
             res["rows"].append({"side": s, "shape": name, "graph_ms": graph[s], "eager_ms": eager[s],
-                                "tflops": flops / graph[s] / 1e9, "tflops_eager": flops / eager[s] / 1e9,
+                                "tflops": work_flops / graph[s] / 1e9, "tflops_eager": work_flops / eager[s] / 1e9,
                                 "iters": iters, "tiles": tiles, "causal": causal})
-        print(f"{name}: " + "  ".join(f"{s} {flops / graph[s] / 1e9:.1f}/{flops / eager[s] / 1e9:.1f}"
+        print(f"{name}: " + "  ".join(f"{s} {work_flops / graph[s] / 1e9:.1f}/{work_flops / eager[s] / 1e9:.1f}"
                                       for s in fns), file=sys.stderr, flush=True)
         del p
         torch.cuda.empty_cache()
