@@ -15,33 +15,111 @@ import csv
 import hashlib
 import io
 import os
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path
 from typing import BinaryIO
 
-from installer.records import Hash, RecordEntry, parse_record_file
+from installer.records import Hash, InvalidRecordEntry, RecordEntry, parse_record_file
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from .errors import ForgeError
+from .errors import ForgeError, MissingMember, resource_refusal
 from .fetch import CHUNK, Progress, safe_member_name
 
 FILE_MODE = 0o100644 << 16
 
 
-def open_wheel(path: Path, what: str = "base wheel",
-               hint: str = "delete it and download it again") -> zipfile.ZipFile:
+# Members read into memory are small (dist-info, overlay files, the FA4 tree: < 1 MB each); a member
+# declaring more is refused before it is inflated, so memory never grows with a hostile member.
+MAX_READ = 64 << 20
+MAX_MEMBER = 4 << 30  # the largest member of a real vLLM wheel is ~470 MB (_C.abi3.so)
+MAX_RATIO = 200  # deflate reaches ~1030:1; real wheel members stay under 60:1
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, struct.error, NotImplementedError,
+               RuntimeError)  # RuntimeError: an encrypted member; NotImplementedError: an unknown method
+
+
+class WheelZip(zipfile.ZipFile):
+    """A zip archive read defensively: members whose declared size is absurd are refused on opening,
+    `read` is bounded (MAX_READ) and turns a missing or corrupt member (bad CRC, broken deflate
+    stream) into one ForgeError naming the archive. A missing member is also a KeyError."""
+
+    origin: str = "archive"
+    hint: str = "delete it and fetch it again"
+
+    def read(self, name: str | zipfile.ZipInfo, pwd: bytes | None = None) -> bytes:
+        try:
+            info = name if isinstance(name, zipfile.ZipInfo) else self.getinfo(name)
+        except KeyError:
+            raise MissingMember(f"{self.origin} has no member {name}", self.hint) from None
+        if info.file_size > MAX_READ:
+            raise ForgeError(f"member {info.filename} of {self.origin} declares {info.file_size} bytes, more than "
+                             f"vllm-forge reads into memory ({MAX_READ})", self.hint)
+        try:
+            return super().read(info, pwd)
+        except _ZIP_ERRORS as e:
+            raise ForgeError(f"member {info.filename} of {self.origin} is corrupt ({type(e).__name__}: {e})",
+                             self.hint) from None
+
+    def text(self, name: str) -> str:
+        """A member that must be UTF-8 text."""
+        data = self.read(name)
+        try:
+            return data.decode()
+        except UnicodeDecodeError as e:
+            raise ForgeError(f"{name} in {self.origin} is not UTF-8 text ({e.reason} at byte {e.start})",
+                             self.hint) from None
+
+    def check_sizes(self) -> None:
+        """Refuse members whose declared size is absurd: a decompression bomb, or a lying directory."""
+        for info in self.infolist():
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > MAX_MEMBER or (info.file_size > MAX_READ and ratio > MAX_RATIO):
+                raise ForgeError(f"member {info.filename} of {self.origin} declares {info.file_size} bytes from "
+                                 f"{info.compress_size} compressed: a decompression bomb or a damaged archive",
+                                 self.hint)
+
+
+def open_zip(file: str | Path | BinaryIO, origin: str, hint: str = "delete it and fetch it again") -> WheelZip:
+    """A WheelZip over a path or a file object; a file that is no zip, or has unsafe member names or
+    absurd sizes, is one ForgeError."""
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ForgeError(f"{what} {path} is corrupt or truncated: {e}", hint) from None
-    for info in zf.infolist():
-        safe_member_name(info.filename, str(path))
+        zf = WheelZip(file)
+    except _ZIP_ERRORS as e:
+        raise ForgeError(f"{origin} is corrupt or truncated: {e}", hint) from None
+    except OSError as e:
+        refused = resource_refusal(e)
+        if refused is not None:
+            raise refused from None
+        raise ForgeError(f"{origin} is corrupt or truncated: {e}", hint) from None
+    zf.origin, zf.hint = origin, hint
+    try:
+        for info in zf.infolist():
+            safe_member_name(info.filename, origin)
+        zf.check_sizes()
+    except BaseException:
+        zf.close()
+        raise
     return zf
+
+
+def open_wheel(path: Path, what: str = "base wheel",
+               hint: str = "delete it and download it again") -> WheelZip:
+    return open_zip(path, f"{what} {path}", hint)
+
+
+def check_wheel_name(name: str, what: str) -> None:
+    """Refuse a file name that is not a wheel's (PEP 427: name-version[-build]-python-abi-platform.whl)."""
+    try:
+        parse_wheel_filename(name)
+    except Exception as e:  # packaging raises InvalidWheelFilename, InvalidVersion...
+        raise ForgeError(f"{what} {name!r} is not a wheel file name ({e})",
+                         "give a wheel with its file name as built (name-version-python-abi-platform.whl)") from None
 
 
 def dist_info_dir(zf: zipfile.ZipFile, origin: str) -> str:
@@ -51,8 +129,29 @@ def dist_info_dir(zf: zipfile.ZipFile, origin: str) -> str:
     return dirs.pop()
 
 
+def _text(zf: zipfile.ZipFile, name: str) -> str:
+    if isinstance(zf, WheelZip):
+        return zf.text(name)
+    return zf.read(name).decode()
+
+
 def metadata_version(zf: zipfile.ZipFile, dist_info: str) -> str:
-    return str(HeaderParser().parsestr(zf.read(f"{dist_info}/METADATA").decode())["Version"])
+    return str(HeaderParser().parsestr(_text(zf, f"{dist_info}/METADATA"))["Version"])
+
+
+def read_record(zf: zipfile.ZipFile, dist_info: str) -> dict[str, tuple[str, str]]:
+    """RECORD as {path: (hash, size)}; a malformed row is one ForgeError naming it."""
+    origin = getattr(zf, "origin", str(zf.filename))
+    try:
+        rows = {}
+        for p, h, s in parse_record_file(_text(zf, f"{dist_info}/RECORD").splitlines()):
+            RecordEntry.from_elements(p, h, s)  # a bad hash or size is refused here, not mid-repack
+            rows[p] = (h, s)
+    except (InvalidRecordEntry, csv.Error) as e:
+        issues = "; ".join(getattr(e, "issues", [])) or str(e)
+        raise ForgeError(f"{dist_info}/RECORD of {origin} has a malformed row ({issues})",
+                         getattr(zf, "hint", "not a valid wheel")) from None
+    return rows
 
 
 def read_base(path: Path, version: str, members: list[str]) -> tuple[dict[str, bytes], int]:
@@ -64,7 +163,10 @@ def read_base(path: Path, version: str, members: list[str]) -> tuple[dict[str, b
         if got != version:
             raise ForgeError(f"base wheel {path.name} is vLLM {got}, not {version}",
                              f"pass the vLLM {version} wheel, or --vllm {got}")
-        stamp = calendar.timegm((*zf.getinfo(f"{di}/METADATA").date_time, 0, 0, 0))
+        try:
+            stamp = calendar.timegm((*zf.getinfo(f"{di}/METADATA").date_time, 0, 0, 0))
+        except ValueError as e:  # month 0 or 15 in the member's DOS date
+            raise ForgeError(f"{di}/METADATA of {path} has an invalid date ({e})", zf.hint) from None
         return {m: zf.read(m) for m in members if m in zf.NameToInfo}, stamp
 
 
@@ -72,6 +174,21 @@ def record_entry(path: str, data: bytes) -> RecordEntry:
     digest = hashlib.sha256(data).digest()
     value = base64.urlsafe_b64encode(digest).decode().rstrip("=")
     return RecordEntry(path, Hash("sha256", value), len(data))
+
+
+def streamed_record_entry(zf: WheelZip, info: zipfile.ZipInfo) -> RecordEntry:
+    """record_entry of a member of any size, hashed as it streams (memory does not grow with it)."""
+    h, size = hashlib.sha256(), 0
+    try:
+        with zf.open(info) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+    except _ZIP_ERRORS as e:
+        raise ForgeError(f"member {info.filename} of {zf.origin} is corrupt ({type(e).__name__}: {e})",
+                         zf.hint) from None
+    value = base64.urlsafe_b64encode(h.digest()).decode().rstrip("=")
+    return RecordEntry(info.filename, Hash("sha256", value), size)
 
 
 def merge_requires(metadata: str, new_version: str, requires: list[str]) -> str:
@@ -173,7 +290,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
     with open_wheel(base) as zin:
         di = dist_info_dir(zin, str(base))
         names = forged_names(base.name, label)
-        base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
+        base_record = read_record(zin, di)
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
         ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
         keep = [(i, e) for i, e in zip(infos, ends, strict=True)
@@ -215,7 +332,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
                     h, s = base_record[info.filename]
                     records.append(RecordEntry.from_elements(info.filename, h, s))
                 else:
-                    records.append(record_entry(info.filename, zin.read(info)))
+                    records.append(streamed_record_entry(zin, info))
             zout.start_dir = raw.tell()
             zout._didModify = True  # type: ignore[attr-defined]  # raw-copied members: zipfile writes their directory
 
@@ -224,7 +341,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
                 out.write(name, replace[name])
             for name in sorted(add):
                 out.write(name, add[name])
-            meta = merge_requires(zin.read(f"{di}/METADATA").decode(), names.version, requires)
+            meta = merge_requires(zin.text(f"{di}/METADATA"), names.version, requires)
             out.write(f"{names.dist_info}/METADATA", meta.encode())
             edits = dict(dist_info_edits or {})
             for info in zin.infolist():
@@ -232,7 +349,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
                 if info.filename.startswith(di + "/") and leaf not in ("METADATA", "RECORD"):
                     data = zin.read(info)
                     if leaf in edits:
-                        data = edits.pop(leaf)(data.decode()).encode()
+                        data = edits.pop(leaf)(zin.text(info.filename)).encode()
                     out.write(f"{names.dist_info}/{leaf}", data)
             for leaf, edit in sorted(edits.items()):  # files the base lacks
                 out.write(f"{names.dist_info}/{leaf}", edit("").encode())

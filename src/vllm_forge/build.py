@@ -13,12 +13,12 @@ from functools import cache
 from pathlib import Path
 
 from . import __version__
-from .assemble import assemble, read_base
+from .assemble import assemble, check_wheel_name, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, check_digest, evict, sha256_file
-from .output import check_output_dir, publish, source_date_epoch, staged_output
+from .output import check_output_dir, publish_together, source_date_epoch, staged_output
 from .overlay import Stack, load_stack, sha256
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import add_entry_point, runtime_source, runtime_stamp
@@ -38,6 +38,9 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
           fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False,
           allow_unvalidated: bool = False, runtime: bool = True) -> BuildResult:
     t0 = time.monotonic()
+    source_date_epoch(0, "")  # a malformed SOURCE_DATE_EPOCH is refused before any work
+    if base_wheel is not None:
+        check_wheel_name(Path(base_wheel).name, "--base-wheel")
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
@@ -156,8 +159,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
         man_tmp = temp(".json.part")
         man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
-        publish(tmp_wheel, final)
-        publish(man_tmp, manifest_path)
+        # together or not at all; the manifest first, so that whoever sees the wheel finds its manifest
+        publish_together([(man_tmp, manifest_path), (tmp_wheel, final)])
     return final, manifest_path, report
 
 

@@ -1,18 +1,42 @@
-"""`vllm-forge build` and `vllm-forge verify`."""
+"""vllm-forge: custom vLLM wheels with FA4 head dim <= 512 and paged KV on SM90.
+
+Commands (each one sub-parser, its arguments and one handler, in COMMANDS below):
+  build            forge a vLLM wheel (--mode source: a source tree for vLLM's own CUDA build)
+  verify           static checks of a forged wheel
+  build-fa4-wheel  a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)
+  docker           render docker/Dockerfile.in (and build it where an engine works)
+  fa4-cache        compile a model's FA4 kernels ahead of time (GPU machine)
+  lock             hash-pinned requirements for `pip install --require-hashes` of a wheel
+  refresh          port the overlay (or the flash-attention series) of one release to another
+
+One error boundary wraps them all (`run`): a refusal, an argument error, malformed input, resource
+exhaustion (MemoryError, EMFILE, ENFILE, ENOMEM) or a filesystem oddity (ELOOP, a device where a file
+belongs) ends in ONE line `vllm-forge: error: <what> -- <what to do>` on stderr, exit status 2. Any
+other exception is a vllm-forge bug: one line saying so and where its traceback was written (a file
+in the temp directory), also exit 2; VLLM_FORGE_DEBUG=1 prints the traceback on stderr instead.
+Interrupted: exit 130 (Ctrl-C) or 143 (SIGTERM), temp files removed. Results (paths) go to stdout as
+the file system's bytes, whatever stdout's encoding.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
 import threading
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .errors import ForgeError
+from .errors import ForgeError, refusal
 from .fetch import end_progress_line
-from .output import os_error_line
+
+PROG = "vllm-forge"
+BUG_EXIT = 2  # a bug prints the same one-line shape: scripts see "refused", the line says whose fault
 
 
 class _Terminated(BaseException):
@@ -23,13 +47,110 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
+class UsageError(ForgeError):
+    """An argument argparse refused: one line and a hint, like every other refusal."""
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-forge", description=__doc__)
-    ap.add_argument("--version", action="version", version=f"vllm-forge {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build", help="forge a vLLM wheel with FA4 head dim <= 512 + paged KV on SM90")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an argument error is a UsageError (one line, exit 2), not usage text + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, f"see `{self.prog} --help`")
+
+
+def emit(text: str) -> None:
+    """A result line on stdout, as the file system's bytes (a path printed is the path on disk, also
+    where stdout's encoding cannot spell it)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (an embedding program's): best effort
+        print(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        return
+    buffer.write(os.fsencode(text) + b"\n")
+    buffer.flush()
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a path given as an argument) escaped: the line stays one."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+# --- the handlers ------------------------------------------------------------------------------
+
+def _build(args: argparse.Namespace) -> None:
+    if args.mode == "source":
+        from .source import build_source
+
+        emit(str(build_source(args.vllm, args.out, args.index_url, args.arch, args.fa4, args.gemma4_fa4)))
+        return
+    from .build import build
+
+    result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
+                   args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime)
+    emit(str(result.wheel))
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from .verify import verify_wheel
+
+    if not args.wheel.is_file():
+        raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
+    report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
+    for check in report.checks:
+        emit(f"ok: {check}")
+    emit(f"{report.wheel}: verified")
+
+
+def _build_fa4_wheel(args: argparse.Namespace) -> None:
+    from .fa4_wheel import build_fa4_wheel
+
+    emit(str(build_fa4_wheel(args.out, args.fa_src, args.index_url, args.fa_patches).wheel))
+
+
+def _docker(args: argparse.Namespace) -> None:
+    from .docker import docker
+
+    emit(str(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
+                    args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache)))
+
+
+def _fa4_cache(args: argparse.Namespace) -> None:
+    from .kernel_cache import CacheRequest, produce
+
+    made = produce(CacheRequest(
+        args.model, args.out, python=args.python, layers=args.layers,
+        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code))
+    emit(f"{args.out}: {len(made['kernels'])} FA4 kernel(s) for vllm {made['vllm']}")
+
+
+def _lock(args: argparse.Namespace) -> None:
+    from .lock import lock
+
+    out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
+    emit(str(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest)))
+
+
+def _refresh(args: argparse.Namespace) -> None:
+    if args.fa_series:
+        from .refresh_fa import refresh_fa_series
+
+        port = refresh_fa_series(args.from_version, args.to_version, args.data_dir, args.conflicts, args.index_url)
+        emit(f"series {port.dir.name}: {len(port.patches)} patch(es) ported cleanly "
+             f"({', '.join(port.files)}); not GPU-validated yet")
+        return
+    from .refresh import refresh
+
+    rep = refresh(args.from_version, args.to_version, args.data_dir, args.force)
+    emit(f"overlay {rep.overlay_id}: {len(rep.merged)} file(s) merged ({', '.join(rep.merged) or '-'}), "
+         f"{len(rep.reused)} reused")
+
+
+# --- the arguments -----------------------------------------------------------------------------
+
+def _build_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--vllm", default=None, help="pinned vLLM version (default: pins.json's default_vllm)")
     b.add_argument("--out", type=Path, default=Path("dist"), help="output directory (default: dist/)")
     b.add_argument("--base-wheel", type=Path, help="use this vLLM wheel instead of the index (sha256-checked)")
@@ -41,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         "or bundled with system FA4 selectable (both)")
     b.add_argument("--mode", choices=("overlay", "source"), default="overlay",
                    help="overlay: patch the upstream wheel (default); source: prepare the sdist for vLLM's CUDA build")
-    b.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a)")
+    b.add_argument("--arch", default="9.0a",
+                   help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a; e.g. '8.0;9.0a;10.0a+PTX')")
     b.add_argument("--gemma4-fa4", action="store_true",
                    help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
     b.add_argument("--allow-unvalidated", action="store_true",
@@ -50,18 +172,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave out the runtime layer (FA4 kernel cache, start-up compile, 64-token pages "
                         "for head > 256 on SM90); the version label gets .nort")
 
-    v = sub.add_parser("verify", help="static checks of a forged wheel")
+
+def _verify_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("wheel", type=Path)
     v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
 
-    f = sub.add_parser("build-fa4-wheel", help="a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)")
+
+def _build_fa4_wheel_args(f: argparse.ArgumentParser) -> None:
     f.add_argument("--out", type=Path, default=Path("dist"))
     f.add_argument("--fa-src", help="flash-attention source: a local checkout or a git URL (only that mirror)")
     f.add_argument("--index-url", help="package index simple API (default: pip's)")
     f.add_argument("--fa-patches", type=Path, help="flash-attention patch directory (default: patches/flash-attention)")
 
-    d = sub.add_parser("docker", help="render docker/Dockerfile.in (and build it where an engine works)")
+
+def _docker_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--vllm", default=None)
     d.add_argument("--out", type=Path, default=Path("build/docker"))
     d.add_argument("--build", action="store_true",
@@ -79,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an FA4 kernel cache made by `vllm-forge fa4-cache` with this forged wheel: into the image")
     d.add_argument("--isolation", help="buildah/podman --isolation (default: chroot unless BUILDAH_ISOLATION is set)")
 
-    kc = sub.add_parser("fa4-cache", help="compile a model's FA4 kernels ahead of time (GPU machine, forged "
-                        "wheel installed): a cache for `vllm-forge docker --fa4-cache`")
+
+def _fa4_cache_args(kc: argparse.ArgumentParser) -> None:
     kc.add_argument("--model", required=True, help="HF model id or directory (only its config is read)")
     kc.add_argument("--out", type=Path, required=True, help="cache directory (kept kernels of earlier runs)")
     kc.add_argument("--python", help="interpreter with the forged vLLM installed (default: this one)")
@@ -94,16 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--attention-backend", help="as serving sets it (e.g. FLASH_ATTN: vLLM may pick another)")
     kc.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     kc.add_argument("--trust-remote-code", action="store_true")
-    lk = sub.add_parser("lock", help="hash-pinned requirements for `pip install --require-hashes` of a wheel")
+
+
+def _lock_args(lk: argparse.ArgumentParser) -> None:
     lk.add_argument("wheel", type=Path)
     lk.add_argument("--out", type=Path, help="requirements file (default: <wheel>.lock.txt beside it)")
-    lk.add_argument("--wheel-ref", help="how the lock names the wheel (default: the path given)")
+    lk.add_argument("--wheel-ref", help="how the lock names the wheel (default: the path given; a plain path or URL)")
     lk.add_argument("--python", help="interpreter to resolve for (default: this one)")
     lk.add_argument("--index-url", help="package index simple API (default: pip's)")
     lk.add_argument("--newest", action="store_true",
                     help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
 
-    r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
+
+def _refresh_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
     r.add_argument("--to", dest="to_version", required=True, help="the release to port it to (pinned in pins.json)")
     r.add_argument("--data-dir", type=Path, help="where pins.json and vllm_overlay/ are written (default: the tool's)")
@@ -113,85 +241,100 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--conflicts", type=Path, help="with --fa-series: leave merged files with conflict markers here")
     r.add_argument("--index-url", help="package index simple API (default: pip's)")
 
-    args = ap.parse_args(argv)
-    # SIGTERM (a job scheduler, `timeout`, docker stop) unwinds like an interrupt: temp files go
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+
+Handler = Callable[[argparse.Namespace], None]
+
+# name, help, arguments, handler: the command line
+COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
+    ("build", "forge a vLLM wheel with FA4 head dim <= 512 + paged KV on SM90", _build_args, _build),
+    ("verify", "static checks of a forged wheel", _verify_args, _verify),
+    ("build-fa4-wheel", "a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)", _build_fa4_wheel_args,
+     _build_fa4_wheel),
+    ("docker", "render docker/Dockerfile.in (and build it where an engine works)", _docker_args, _docker),
+    ("fa4-cache", "compile a model's FA4 kernels ahead of time (GPU machine, forged wheel installed): a cache "
+     "for `vllm-forge docker --fa4-cache`", _fa4_cache_args, _fa4_cache),
+    ("lock", "hash-pinned requirements for `pip install --require-hashes` of a wheel", _lock_args, _lock),
+    ("refresh", "port the overlay of one pinned vLLM release to another (three-way merge)", _refresh_args, _refresh),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, handler in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return ap
+
+
+# --- the boundary ------------------------------------------------------------------------------
+
+def _error(what: str) -> int:
+    end_progress_line()
+    print(f"{PROG}: error: {_one_line(what)}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _bug(e: BaseException) -> int:
+    """An exception no refusal covers: a vllm-forge bug. One line; the traceback in a file."""
+    text = "".join(traceback.format_exception(e))
+    if os.environ.get("VLLM_FORGE_DEBUG") == "1":
+        end_progress_line()
+        print(text, file=sys.stderr, end="", flush=True)
+        where = "the traceback is above"
+    else:
+        try:
+            fd, path = tempfile.mkstemp(prefix="vllm-forge-bug-", suffix=".txt")
+            with os.fdopen(fd, "w", errors="backslashreplace") as f:
+                f.write(f"{PROG} {__version__}, argv {sys.argv!r}\n{text}")
+            where = f"the traceback is in {path}"
+        except Exception as werr:  # noqa: BLE001 (a full temp dir must not hide the bug line)
+            where = f"the traceback could not be written ({type(werr).__name__}: {werr})"
+    summary = f"{type(e).__name__}: {e}"[:300]
+    return _error(f"internal error ({summary}): a vllm-forge bug -- {where}; please report it with the command "
+                  "line (VLLM_FORGE_DEBUG=1 prints the traceback)")
+
+
+def run(handler: Handler, args: argparse.Namespace) -> int:
+    """The one error boundary: the handler's refusals and everything else that escapes it."""
     try:
-        if args.cmd == "build":
-            if args.mode == "source":
-                from .source import build_source
-
-                print(build_source(args.vllm, args.out, args.index_url, args.arch, args.fa4, args.gemma4_fa4))
-                return 0
-            from .build import build
-
-            result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime)
-            print(result.wheel)
-        elif args.cmd == "build-fa4-wheel":
-            from .fa4_wheel import build_fa4_wheel
-
-            print(build_fa4_wheel(args.out, args.fa_src, args.index_url, args.fa_patches).wheel)
-        elif args.cmd == "docker":
-            from .docker import docker
-
-            print(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
-                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache))
-        elif args.cmd == "fa4-cache":
-            from .kernel_cache import CacheRequest, produce
-
-            made = produce(CacheRequest(
-                args.model, args.out, python=args.python, layers=args.layers,
-                tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
-                gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code))
-            print(f"{args.out}: {len(made['kernels'])} FA4 kernel(s) for vllm {made['vllm']}")
-        elif args.cmd == "lock":
-            from .lock import lock
-
-            out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
-            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest))
-        elif args.cmd == "refresh" and args.fa_series:
-            from .refresh_fa import refresh_fa_series
-
-            port = refresh_fa_series(args.from_version, args.to_version, args.data_dir, args.conflicts,
-                                     args.index_url)
-            print(f"series {port.dir.name}: {len(port.patches)} patch(es) ported cleanly "
-                  f"({', '.join(port.files)}); not GPU-validated yet")
-        elif args.cmd == "refresh":
-            from .refresh import refresh
-
-            rep = refresh(args.from_version, args.to_version, args.data_dir, args.force)
-            print(f"overlay {rep.overlay_id}: {len(rep.merged)} file(s) merged ({', '.join(rep.merged) or '-'}), "
-                  f"{len(rep.reused)} reused")
-        else:
-            from .verify import verify_wheel
-
-            if not args.wheel.is_file():
-                raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
-            report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
-            for check in report.checks:
-                print(f"ok: {check}")
-            print(f"{report.wheel}: verified")
-    except ForgeError as e:
-        end_progress_line()
-        print(f"vllm-forge: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # EACCES, ENOSPC, EROFS, EFBIG... anywhere in a command: one line, not a traceback
-        end_progress_line()
-        print(f"vllm-forge: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+        handler(args)
     except KeyboardInterrupt:
         end_progress_line()
-        print("vllm-forge: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except _Terminated:
         end_progress_line()
-        print("vllm-forge: terminated", file=sys.stderr)
+        print(f"{PROG}: terminated", file=sys.stderr)
         return 143
+    except (Exception, MemoryError) as e:
+        refused = refusal(e)
+        if refused is None:
+            return _bug(e)
+        if os.environ.get("VLLM_FORGE_DEBUG") == "1" and not isinstance(e, UsageError):
+            traceback.print_exception(e, file=sys.stderr)
+        return _error(str(refused))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a message never fails on an encoding (LANG=C, PYTHONIOENCODING)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as e:
+        return _error(str(e))
+    # SIGTERM (a job scheduler, `timeout`, docker stop) unwinds like an interrupt: temp files go
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+    return run(args.handler, args)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .assemble import forged_names
+from .assemble import dist_info_dir, forged_names, open_wheel
 from .errors import ForgeError
 from .fa4 import forged_label
-from .output import publish, staged_output
+from .output import parse_epoch, publish, staged_output
 from .pins import data_dir, load_pins
 from .verify import STAMP
 
@@ -42,7 +41,9 @@ class Rendered:
     version: str  # the forged version, e.g. 0.19.1+fa4.bce2942
 
 
-def render(version: str | None, out: Path) -> Rendered:
+def render(version: str | None, out: Path, check: Callable[[Rendered], None] | None = None) -> Rendered:
+    """Render the Dockerfile into a temp file in out; `check` (e.g. of an FA4 kernel cache for it) runs
+    before it is renamed into place, so that a refusal leaves nothing in out."""
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     names = forged_names(vpin.wheel, forged_label(pins, vpin))
@@ -61,12 +62,14 @@ def render(version: str | None, out: Path) -> Rendered:
         text = text.replace(f"@{key}@", value)
     if re.search(r"@[A-Z_]+@", text):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
-    dockerfile = out / "Dockerfile"
+    rendered = Rendered(out / "Dockerfile", wheel, vpin.wheel, forged_version)
     with staged_output(out) as temp:
         staged = temp(".Dockerfile")
         staged.write_text(text)
-        publish(staged, dockerfile)
-    return Rendered(dockerfile, wheel, vpin.wheel, forged_version)
+        if check is not None:
+            check(rendered)
+        publish(staged, rendered.dockerfile)
+    return rendered
 
 
 def engine_answers(name: str) -> bool:
@@ -149,9 +152,12 @@ def git_provenance(context: Path) -> tuple[str, str, int | None]:
 
 def wheel_stamp(wheel: Path) -> str:
     """The provenance stamp inside a forged wheel (dist-info/vllm_forge.json), as compact JSON."""
-    with zipfile.ZipFile(wheel) as z:
-        name = next(n for n in z.namelist() if n.endswith(f".dist-info/{STAMP}"))
-        return json.dumps(json.loads(z.read(name)), sort_keys=True, separators=(",", ":"))
+    with open_wheel(wheel, "forged wheel", "build it again") as z:
+        name = f"{dist_info_dir(z, str(wheel))}/{STAMP}"
+        try:
+            return json.dumps(json.loads(z.text(name)), sort_keys=True, separators=(",", ":"))
+        except ValueError as e:
+            raise ForgeError(f"{name} in {wheel} is not JSON ({e})", "build it again") from None
 
 
 def default_ca_bundle() -> Path | None:
@@ -175,13 +181,17 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
            engine: str = "auto", builder_image: str | None = None, runtime_image: str | None = None,
            index_url: str | None = None, ca_bundle: Path | None = None, isolation: str | None = None,
            fa4_cache: Path | None = None) -> Path:
-    rendered = render(version, out)
-    if fa4_cache is not None:
-        from .kernel_cache import check_cache
+    def check_fa4_cache(r: Rendered) -> None:
+        if fa4_cache is not None:
+            from .kernel_cache import check_cache
 
-        made = check_cache(fa4_cache, rendered.version)
-        print(f"FA4 kernel cache {fa4_cache}: {len(made['kernels'])} kernel(s) for {rendered.version}",
-              file=sys.stderr)
+            made = check_cache(fa4_cache, r.version)
+            print(f"FA4 kernel cache {fa4_cache}: {len(made['kernels'])} kernel(s) for {r.version}",
+                  file=sys.stderr)
+
+    env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    epoch = parse_epoch(env_epoch) if env_epoch else None  # refused before anything is written
+    rendered = render(version, out, check_fa4_cache)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
     if not build:
         return rendered.dockerfile
@@ -198,8 +208,7 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     result = forge(version, out / "dist", index_url=index_url)
     manifest = json.loads(result.manifest.read_text())
     source, revision, commit_time = git_provenance(context)
-    env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    timestamp = int(env_epoch) if env_epoch else commit_time if commit_time else int(manifest["source_date_epoch"])
+    timestamp = epoch if epoch is not None else commit_time if commit_time else int(manifest["source_date_epoch"])
     build_args = {
         "FORGED_WHEEL_SHA256": manifest["output"]["sha256"],
         "WHEEL_SOURCE_DATE_EPOCH": str(manifest["source_date_epoch"]),

@@ -12,7 +12,9 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import subprocess
+import urllib.error
 import sys
 import zipfile
 from collections.abc import Callable
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import git
 
-from .errors import ForgeError
+from .assemble import open_zip
+from .errors import ForgeError, resource_refusal
 from .fetch import (
     Index,
     RangesUnsupported,
@@ -115,12 +118,19 @@ def read_tree(root: Path, origin: str) -> Tree:
     if not (root / "interface.py").is_file():
         raise ForgeError(f"{origin} has no {CUTE}/interface.py", "point it at a flash-attention checkout")
     tree: Tree = {}
-    real_root = root.resolve()
-    for p in sorted(root.rglob("*.py")):
-        if not p.resolve().is_relative_to(real_root):
-            raise ForgeError(f"{p} in {origin} links outside {root}", "refusing to read it")
-        rel = p.relative_to(root).as_posix()
-        tree[str(safe_member_name(rel, origin))] = p.read_bytes()
+    try:
+        real_root = root.resolve(strict=True)
+        for p in sorted(root.rglob("*.py")):
+            if not p.resolve(strict=True).is_relative_to(real_root):
+                raise ForgeError(f"{p} in {origin} links outside {root}", "refusing to read it")
+            rel = p.relative_to(root).as_posix()
+            tree[str(safe_member_name(rel, origin))] = p.read_bytes()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13), a dangling link
+        refused = resource_refusal(e)
+        if refused is not None:
+            raise refused from None
+        raise ForgeError(f"cannot read {origin}: {e}",
+                         "a link in that tree loops or dangles; replace it with the file") from None
     return tree
 
 
@@ -212,16 +222,17 @@ def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) 
     if local is None and cached.is_file() and sha256_file(cached) != wm.wheel_sha256:
         evict(cached, then="fetching its FA4 files from the index")
     if local is not None:
-        zf = zipfile.ZipFile(local)  # the base wheel of this build: its sha256 is checked by the build
+        zf = open_zip(local, f"base wheel {local}")  # its sha256 is checked by the build
     elif cached.is_file():
-        zf = zipfile.ZipFile(cached)
+        zf = open_zip(cached, f"cached wheel {cached}")
     else:
         try:
             remote = index().open_remote(project, wm.wheel, wm.wheel_sha256)
         except RangesUnsupported:
-            zf = zipfile.ZipFile(cached_download(index, project, wm.wheel, wm.wheel_sha256))
+            zf = open_zip(cached_download(index, project, wm.wheel, wm.wheel_sha256), f"wheel {wm.wheel}")
         else:
-            zf = zipfile.ZipFile(remote)  # type: ignore[arg-type]
+            zf = open_zip(remote, f"{wm.wheel} (by range requests from the index)",  # type: ignore[arg-type]
+                          "the index serves a damaged file; check --index-url")
             members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
             if members:
                 ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
@@ -321,8 +332,11 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
         raise ForgeError(f"flash-attention patch directory {patch_dir} does not exist",
                          "check --fa-patches (a directory with *.patch files and an optional series)")
     failures: list[str] = []
+    network_seen = False  # a mirror failed for want of the network (the final hint says so only then)
     cached = cache_dir() / "fa4" / pin.commit
     for name, fetch in _mirrors(fa_src, pin, index, project):
+        if name == "cache" and cached.is_symlink() and not cached.is_dir():  # a loop, a dangling link
+            evict(cached, "is a broken link", "fetching from the next mirror", f"flash-attention tree {pin.commit[:12]}")
         if name == "cache" and not cached.exists():
             failures.append("cache: empty")
             continue
@@ -341,10 +355,21 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
                     f"flash-attention tree-hash mismatch from {mirror}: expected {pin.cute_tree_sha256}, got {got}",
                     f"that source is not flash-attention@{pin.commit[:12]}",
                 )
-        except (ForgeError, OSError, zipfile.BadZipFile, http.client.HTTPException) as e:
+        except (ForgeError, OSError, http.client.HTTPException, *MIRROR_DAMAGE) as e:
+            refused = resource_refusal(e)
+            if refused is not None:  # no other mirror does better with too few descriptors or no memory
+                raise refused from None
+            if stage == "cmake":  # the same CMake runs for every mirror: the tool's data, not the mirror
+                if isinstance(e, ForgeError):
+                    raise ForgeError(e.what, "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at "
+                                             f"({e.hint})") from None
+                raise
             what = e.what if isinstance(e, ForgeError) else f"{type(e).__name__}: {e}"
             if fa_src:
-                raise
+                if isinstance(e, ForgeError):
+                    raise
+                raise ForgeError(f"flash-attention from {fa_src}: {what}", "check --fa-src") from None
+            network_seen = network_seen or _network_failure(e)
             failures.append(f"{name}: {what}")
             if name == "cache" and stage != "cmake":  # the cache repairs itself: the next mirror serves
                 evict(cached, "failed its tree hash" if stage == "hash" else f"is unreadable ({what})",
@@ -366,8 +391,23 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
         return result
     raise ForgeError(
         f"no mirror delivered flash-attention@{pin.commit[:12]}: " + "; ".join(failures),
-        "connect to the network (git or the package index), or pass --fa-src with a checkout of that commit",
+        "connect to the network (git or the package index), or pass --fa-src with a checkout of that commit"
+        if network_seen else
+        "the mirrors answered but none served that tree (see each reason); pass --fa-src with a checkout of "
+        "that commit, or fix the mirror named",
     )
+
+
+# what a damaged or hostile mirror raises while it is read (a zip over range requests, a tree)
+MIRROR_DAMAGE = (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError)
+
+
+def _network_failure(e: BaseException) -> bool:
+    """The mirror failed because it could not be reached (not because it served something wrong)."""
+    if isinstance(e, ForgeError):
+        return e.what.startswith(("cannot reach", "the download", "no mirror")) or "broke off" in e.what
+    return isinstance(e, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError,
+                          http.client.HTTPException))
 
 
 def _store_in_cache(tree: Tree, commit: str) -> None:
@@ -377,6 +417,8 @@ def _store_in_cache(tree: Tree, commit: str) -> None:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         write_tree(tree, tmp / CUTE)
+        if dest.is_symlink():  # a link (a loop, say) is replaced, never followed
+            dest.unlink()
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     except OSError as e:

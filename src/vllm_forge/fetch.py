@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .errors import ForgeError
+from .errors import ForgeError, resource_refusal
 
 CHUNK = 4 << 20
 TIMEOUT_S = 60
@@ -135,7 +135,10 @@ class Index:
         req = urllib.request.Request(url, headers=headers or {})
         try:
             return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # type: ignore[no-any-return]
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+            refused = resource_refusal(e)  # too few descriptors or no memory: not the network's fault
+            if refused is not None:
+                raise refused from None
             raise ForgeError(
                 f"cannot reach the package index at {url}: {e}",
                 "check the network or --index-url; cached and local inputs need no network",
@@ -147,8 +150,18 @@ class Index:
             try:
                 with self._open(url, {"Accept": "application/vnd.pypi.simple.v1+json"}) as r:
                     page = json.load(r)
-                self._pages[project] = {str(f["filename"]): f for f in page["files"]}
+                files = page["files"]
+                if not isinstance(files, list) or not all(
+                        isinstance(f, dict) and isinstance(f.get("filename"), str) and isinstance(f.get("url"), str)
+                        for f in files):
+                    raise ValueError("an entry of 'files' is not an object with a string filename and url")
+                self._pages[project] = {f["filename"]: f for f in files}
+            except ForgeError:
+                raise
             except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException) as e:
+                refused = resource_refusal(e)
+                if refused is not None:
+                    raise refused from None
                 raise ForgeError(f"the package index at {url} gave no usable PEP 691 JSON page "
                                  f"({type(e).__name__}: {e})",
                                  "check --index-url (a simple API that serves JSON, e.g. https://pypi.org/simple/)"
@@ -206,10 +219,11 @@ class Index:
         return RemoteFile(self.file_url(project, filename, sha256), self._open)
 
 
-def _read_body(r: BinaryIO, url: str, done: int) -> bytes:
-    """The next chunk of a response body; a dropped or timed-out connection is one ForgeError."""
+def _read_body(r: BinaryIO, url: str, done: int, size: int = CHUNK) -> bytes:
+    """The next chunk of a response body (at most size bytes: a server sending more is not read
+    further); a dropped or timed-out connection is one ForgeError."""
     try:
-        return r.read(CHUNK)
+        return r.read(size)
     except (OSError, http.client.HTTPException) as e:
         raise ForgeError(f"the download from {url} broke off after {done} bytes: {type(e).__name__}: {e}",
                          "run again (nothing was cached); check the network or --index-url") from None
@@ -248,14 +262,23 @@ class RemoteFile(io.RawIOBase):
             crange = r.headers.get("Content-Range", "")  # type: ignore[attr-defined]
             if getattr(r, "status", 200) != 206 or "/" not in crange:
                 raise RangesUnsupported(f"{url} does not serve byte ranges", "falling back to a full download")
-            self.size = int(crange.rsplit("/", 1)[1])
+            total = crange.rsplit("/", 1)[1].strip()
+            if not (total.isascii() and total.isdigit() and 0 < len(total) <= 15):  # "*", junk, petabytes
+                raise RangesUnsupported(f"{url} answers a range request with Content-Range {crange[:60]!r}",
+                                        "falling back to a full download")
+            self.size = int(total)
         self.fetched = 0
         self._span = (0, b"")
 
     def prefetch(self, start: int, end: int) -> None:
         """Fetch [start, end) in one request; later reads inside it need no network."""
         with self._opener(self.url, {"Range": f"bytes={start}-{end - 1}"}) as r:
-            self._span = (start, r.read())
+            data = _read_body(r, self.url, 0, end - start)
+            if len(data) != end - start or getattr(r, "status", 206) != 206:
+                raise ForgeError(f"{self.url} answered bytes {start}-{end - 1} with {len(data)} bytes "
+                                 f"(status {getattr(r, 'status', '?')})", "the index serves byte ranges wrongly; "
+                                 "check --index-url")
+            self._span = (start, data)
         self.fetched += len(self._span[1])
 
     def readable(self) -> bool:
@@ -282,7 +305,12 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
             return n
         with self._opener(self.url, {"Range": f"bytes={self._pos}-{self._pos + n - 1}"}) as r:
-            data = r.read()
+            data = _read_body(r, self.url, 0, n)
+        if getattr(r, "status", 206) != 206 or not data:
+            raise ForgeError(f"{self.url} answered bytes {self._pos}-{self._pos + n - 1} with {len(data)} bytes "
+                             f"(status {getattr(r, 'status', '?')})",
+                             "the index serves byte ranges wrongly; check --index-url")
+        data = data[:n]
         b[: len(data)] = data
         self._pos += len(data)
         self.fetched += len(data)

@@ -10,6 +10,7 @@ runtime's Ubuntu and Python)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,8 @@ from packaging.utils import canonicalize_name
 
 from .errors import ForgeError
 from .fetch import sha256_file
-from .output import check_output_dir, publish, staged_output
+from .assemble import check_wheel_name
+from .output import check_output_dir, check_target, publish, staged_output
 from .pins import load_pins
 
 
@@ -43,8 +45,17 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
             tail = " | ".join(ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING"))[-600:]
             raise ForgeError(f"pip could not resolve {wheel.name}: {tail}",
                              "check the network/index (--index-url) and that pip >= 22.2 runs this")
-        items: list[dict] = json.loads(report.read_text())["install"]
+        try:
+            items: list[dict] = json.loads(report.read_text())["install"]
+            for item in items:
+                item["metadata"]["name"], item["metadata"]["version"]  # noqa: B018 (the shape lock reads)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ForgeError(f"pip's installation report is unreadable ({type(e).__name__}: {e})",
+                             "check that --python runs pip >= 22.2") from None
     return items
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
 def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
@@ -52,6 +63,8 @@ def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
     lines, seen_own = [], False
     for item in sorted(items, key=lambda i: canonicalize_name(i["metadata"]["name"])):
         name, version = canonicalize_name(item["metadata"]["name"]), item["metadata"]["version"]
+        if not _PLAIN.match(str(name)) or not _PLAIN.match(str(version)):  # they go into the file: plain only
+            raise ForgeError(f"pip's report names {str(name)[:60]!r} {str(version)[:60]!r}", "check the index")
         if name == own:
             seen_own = True
             lines.append(f"{wheel_ref} \\\n    --hash=sha256:{sha256_file(wheel)}")
@@ -61,10 +74,28 @@ def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
             where = item.get("download_info", {}).get("url", "?")
             raise ForgeError(f"{name} {version} comes from {where}, which has no sha256 to pin",
                              "install it from an index or a wheel file")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ForgeError(f"pip's report gives {name} {version} the sha256 {str(sha)[:70]!r}", "check the index")
         lines.append(f"{name}=={version} \\\n    --hash=sha256:{sha}")
     if not seen_own:
         raise ForgeError(f"pip's report does not contain {wheel.name}", "is it a wheel of a project pip can install?")
     return lines
+
+
+def check_wheel_ref(ref: str) -> str:
+    """The wheel's line in a requirements file is the ref itself: refuse what pip would read as more
+    than a path or URL (a control character or newline starts a new line, e.g. an `--extra-index-url`
+    option; a leading `-` is an option; ` #` starts a comment; `${VAR}` is expanded; whitespace
+    splits the line into options)."""
+    bad = next((c for c in ref if ord(c) < 0x20 or ord(c) == 0x7F or c.isspace()), None)
+    why = (f"contains {bad!r}" if bad is not None else "is empty" if not ref
+           else "starts with '-' (pip reads an option)" if ref.startswith("-")
+           else "contains '#' (pip reads a comment)" if "#" in ref
+           else "contains '${' (pip expands environment variables)" if "${" in ref else "")
+    if why:
+        raise ForgeError(f"--wheel-ref {ref[:80]!r} {why}",
+                         "give a plain path or URL of the wheel (percent-encode spaces and '#' in a URL)")
+    return ref
 
 
 def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
@@ -73,8 +104,11 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     the H100); otherwise pip takes the newest versions FA4's ranges admit."""
     if not wheel.is_file():
         raise ForgeError(f"{wheel} does not exist", "give the path of a forged wheel")
+    check_wheel_name(wheel.name, "wheel")
+    check_wheel_ref(wheel_ref if wheel_ref is not None else str(wheel))
     if out.is_dir():
         raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
+    check_target(out, "--out")  # a device, FIFO or socket is refused, not replaced
     check_output_dir(out.parent, "the directory of --out")
     pip_args = ["--index-url", index_url] if index_url else []
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())

@@ -17,13 +17,14 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ForgeError
+from .errors import OS_HINTS, ForgeError, _describe, os_error_line  # noqa: F401 (re-exported)
 
 TEMP_PREFIX = ".vllm-forge-"
 _TEMP_NAME = re.compile(r"^\.vllm-forge-p(\d+)\.([0-9a-f]{8})\.")
@@ -34,11 +35,25 @@ def source_date_epoch(default: int, default_from: str) -> tuple[int, str]:
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if not env:
         return default, default_from
-    try:
-        return int(env), "SOURCE_DATE_EPOCH"
-    except ValueError:
-        raise ForgeError(f"SOURCE_DATE_EPOCH={env!r} is not an integer",
-                         "unset it or give seconds since 1970") from None
+    return parse_epoch(env), "SOURCE_DATE_EPOCH"
+
+
+# zip stores years 1980-2107; SOURCE_DATE_EPOCH's spec: a non-negative integer of seconds
+MAX_EPOCH = 4354819199  # 2107-12-31T23:59:59Z
+
+
+def parse_epoch(env: str) -> int:
+    """SOURCE_DATE_EPOCH's value, refused unless 0 <= seconds <= the end of 2107 (what a zip date holds)."""
+    text = env.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        what = "is not an integer" if not text.lstrip("-").isdigit() or not text.isascii() else "is out of range"
+        raise ForgeError(f"SOURCE_DATE_EPOCH={env[:40]!r} {what}",
+                         "unset it or give seconds since 1970 (0 to 4354819199, the end of 2107)")
+    value = int(text)
+    if value > MAX_EPOCH:
+        raise ForgeError(f"SOURCE_DATE_EPOCH={value} is out of range (after 2107, which a zip date cannot hold)",
+                         "unset it or give seconds since 1970 (0 to 4354819199, the end of 2107)")
+    return value
 
 
 def fsync_path(path: Path) -> None:
@@ -89,10 +104,6 @@ def remove_stale_temps(out_dir: Path) -> list[str]:
         print(f"vllm-forge: removed {len(removed)} temp file(s) left in {out_dir} by a build that was "
               f"killed ({', '.join(sorted(removed))})", file=sys.stderr)
     return removed
-
-
-def _describe(e: OSError) -> str:
-    return e.strerror or str(e)
 
 
 def check_output_dir(out_dir: Path, what: str = "--out") -> None:
@@ -199,35 +210,68 @@ def staged_output(out_dir: Path, what: str = "--out") -> Iterator[Staging]:
     staging.discard()  # what was not published (nothing, normally)
 
 
-def publish(temp: Path, final: Path) -> None:
-    fsync_path(temp)
+def check_target(final: Path, what: str = "") -> None:
+    """Refuse an output path that exists and is neither a regular file nor a link: a directory, a
+    device (/dev/null), a FIFO or a socket is not replaced by a file."""
     try:
-        os.replace(temp, final)
-    except IsADirectoryError:
-        raise ForgeError(f"{final} is a directory", "move it away; the output goes there") from None
+        st = final.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ForgeError(f"cannot use {what or 'output'} {final}: {_describe(e)}",
+                         OS_HINTS.get(e.errno or 0, "check that path")) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ForgeError(f"{what or 'output'} {final} is a directory", "move it away; the output goes there")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise ForgeError(f"{what or 'output'} {final} exists and is {kind}",
+                         "give the path of a regular file (or a new one); vllm-forge does not replace it")
 
 
-OS_HINTS = {
-    errno.ENOSPC: "free space on that filesystem (or point --out / TMPDIR elsewhere) and run again",
-    errno.EDQUOT: "your disk quota is full; free space or point --out / TMPDIR elsewhere",
-    errno.EFBIG: "a file size limit (ulimit -f) is smaller than the output; raise it and run again",
-    errno.EACCES: "check the permissions of that path, or choose another",
-    errno.EPERM: "check the permissions of that path, or choose another",
-    errno.EROFS: "that filesystem is read-only; choose a writable path",
-    errno.ENOENT: "check that the path exists",
-    errno.ENOTDIR: "a component of that path is a file, not a directory; check the path",
-    errno.EISDIR: "that path is a directory; give a file",
-    errno.EMFILE: "too many open files; raise ulimit -n",
-    errno.ENAMETOOLONG: "use a shorter path",
-}
+def publish(temp: Path, final: Path) -> None:
+    publish_together([(temp, final)])
 
 
-def os_error_line(e: OSError) -> str:
-    """One `<what> -- <what to do>` line for an OSError that reached the command line."""
-    what = _describe(e)
-    if e.filename is not None:
-        what += f": {e.filename}"
-        if e.filename2 is not None:
-            what += f" -> {e.filename2}"
-    hint = OS_HINTS.get(e.errno or 0, "check that path and the free space, then run again")
-    return f"{what} -- {hint}"
+def publish_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Move temp files into place, all or none: every target is checked first, every temp synced;
+    if a later rename fails, the ones already made are undone (an earlier file there is restored)."""
+    for _temp, final in pairs:
+        check_target(final)
+    for temp, _final in pairs:
+        fsync_path(temp)
+    done: list[tuple[Path, Path | None]] = []  # (final, a hard link to what it replaced)
+    try:
+        for temp, final in pairs:
+            backup = None
+            if len(pairs) > 1 and final.is_file() and not final.is_symlink():
+                backup = temp.with_name(temp.name + ".prev")  # a temp name: a killed build's is removed
+                try:
+                    os.link(final, backup)
+                except OSError:
+                    backup = None
+            try:
+                os.replace(temp, final)
+            except BaseException:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise
+            done.append((final, backup))
+    except IsADirectoryError as e:
+        _undo(done)
+        raise ForgeError(f"{e.filename2 or e.filename} is a directory", "move it away; the output goes there") from None
+    except BaseException:
+        _undo(done)
+        raise
+    for _final, backup in done:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def _undo(done: list[tuple[Path, Path | None]]) -> None:
+    for final, backup in reversed(done):
+        if backup is not None:
+            os.replace(backup, final)
+        else:
+            final.unlink(missing_ok=True)

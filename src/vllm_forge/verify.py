@@ -7,12 +7,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from installer.records import parse_record_file
 from installer.sources import WheelFile
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from .assemble import dist_info_dir, metadata_version, open_wheel, record_entry
+from .assemble import WheelZip, dist_info_dir, metadata_version, open_wheel, read_record, record_entry
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, fa_target, tree_sha256, zip_tree
 from .overlay import load_stack
@@ -39,6 +38,57 @@ def _fail(path: Path, what: str) -> ForgeError:
     return ForgeError(f"verify {path.name}: {what}", "do not ship this wheel; rebuild it with vllm-forge build")
 
 
+# the stamp's fields verify reads, with their types: a stamp that lacks one or has another type is
+# refused as a whole (one line), instead of failing on whichever field is read first
+_STAMP_SHAPE: dict[str, object] = {
+    "vllm": {"version": str, "wheel_sha256": str},
+    "flash_attention": {"commit": str, "pin_tree_sha256": str, "tree_sha256": str, "patches": list},
+    "overlay": {"layers": list, "adds": dict},
+}
+
+
+def _shape_error(value: object, shape: object, where: str) -> str | None:
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the stamp'} is {type(value).__name__}, not an object"
+        for key, sub in shape.items():
+            if key not in value:
+                return f"{where + '.' if where else ''}{key} is missing"
+            err = _shape_error(value[key], sub, f"{where + '.' if where else ''}{key}")
+            if err:
+                return err
+        return None
+    assert isinstance(shape, type)
+    return None if isinstance(value, shape) else f"{where} is {type(value).__name__}, not {shape.__name__}"
+
+
+def read_stamp(zf: WheelZip, di: str, path: Path) -> dict:
+    """The wheel's vllm_forge.json, checked to have the shape verify reads."""
+    try:
+        text = zf.text(f"{di}/{STAMP}")
+    except KeyError:
+        raise _fail(path, f"no {di}/{STAMP}: not a vllm-forge wheel") from None
+    try:
+        stamp = json.loads(text)
+    except ValueError as e:
+        raise _fail(path, f"{di}/{STAMP} is not JSON ({e})") from None
+    err = _shape_error(stamp, _STAMP_SHAPE, "")
+    patches = stamp.get("flash_attention", {}).get("patches", []) if isinstance(stamp, dict) else []
+    if err is None and not all(isinstance(p, dict) and isinstance(p.get("name"), str)
+                               and isinstance(p.get("sha256"), str) for p in patches):
+        err = "flash_attention.patches has an entry without a name and sha256"
+    if err is None and not all(isinstance(x, str) for x in stamp["overlay"]["layers"]):
+        err = "overlay.layers has an entry that is not a string"
+    for key in ("plan", "fa4_mode"):
+        if err is None and not isinstance(stamp.get(key, ""), str):
+            err = f"{key} is not a string"
+    if err is None and not isinstance(stamp.get("runtime"), (dict, type(None))):
+        err = "runtime is neither an object nor null"
+    if err:
+        raise _fail(path, f"{di}/{STAMP} is malformed: {err}")
+    return stamp  # type: ignore[no-any-return]
+
+
 def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
                  fa_patch_dir: Path | None = None, name: str | None = None) -> Report:
     """Check RECORD, version/metadata, the FA4 tree hash and the overlay results.
@@ -57,10 +107,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         report = Report(filename, str(version))
         if metadata_version(zf, di) != str(version) or di != f"{str(name).replace('-', '_')}-{version}.dist-info":
             raise _fail(path, f"file name, dist-info {di} and METADATA disagree on the version")
-        try:
-            stamp = json.loads(zf.read(f"{di}/{STAMP}"))
-        except KeyError:
-            raise _fail(path, f"no {di}/{STAMP}: not a vllm-forge wheel") from None
+        stamp = read_stamp(zf, di, path)
         vpin = pins.for_version(stamp["vllm"]["version"])
         plan = stamp.get("plan", "backport")
         if plan != vpin.plan:
@@ -82,7 +129,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
 
         # RECORD
         record_name = f"{di}/RECORD"
-        rows = {p: (h, s) for p, h, s in parse_record_file(zf.read(record_name).decode().splitlines())}
+        rows = read_record(zf, di)
         members = [n for n in zf.namelist() if not n.endswith("/")]
         if len(set(members)) != len(members):
             raise _fail(path, "duplicate archive members")
@@ -143,20 +190,23 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         # runtime layer
         if rt:
             if rt != runtime_stamp(runtime_source()):
-                raise _fail(path, f"runtime layer {rt['sha256'][:12]} is not this vllm-forge's {RUNTIME_MODULE}")
+                raise _fail(path, f"runtime layer {str(rt.get('sha256'))[:12]} is not this vllm-forge's {RUNTIME_MODULE}")
             if RUNTIME_MODULE not in members or hashlib.sha256(zf.read(RUNTIME_MODULE)).hexdigest() != rt["sha256"]:
                 raise _fail(path, f"{RUNTIME_MODULE} is missing or differs from the stamp")
             eps = f"{di}/entry_points.txt"
-            if eps not in members or not has_entry_point(zf.read(eps).decode()):
+            if eps not in members or not has_entry_point(zf.text(eps)):
                 raise _fail(path, f"{eps} lacks the runtime plugin entry point {rt['entry_point']}")
             report.ok(f"runtime layer {RUNTIME_MODULE} ({rt['sha256'][:12]}) + entry point {rt['entry_point']}")
         elif RUNTIME_MODULE in members:
             raise _fail(path, f"{RUNTIME_MODULE} present but not stamped")
 
         # metadata
-        meta = zf.read(f"{di}/METADATA").decode()
-        reqs = [Requirement(ln.split(":", 1)[1].strip()) for ln in meta.split("\n\n", 1)[0].splitlines()
-                if ln.startswith("Requires-Dist:")]
+        meta = zf.text(f"{di}/METADATA")
+        try:
+            reqs = [Requirement(ln.split(":", 1)[1].strip()) for ln in meta.split("\n\n", 1)[0].splitlines()
+                    if ln.startswith("Requires-Dist:")]
+        except InvalidRequirement as e:
+            raise _fail(path, f"METADATA has a malformed Requires-Dist ({e})") from None
         for need in fa.requires if plan == "backport" else ():
             r = Requirement(need)
             have = [q for q in reqs if canonicalize_name(q.name) == canonicalize_name(r.name)]
