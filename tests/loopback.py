@@ -20,6 +20,7 @@ class Served:
     cut_after: int | None = None                        # close the connection after this many body bytes
     page: bytes | None = None                           # serve this as the project page instead
     requests: list[str] = field(default_factory=list)
+    content_range: str | None = None                    # answer range requests with this Content-Range
 
 
 @contextmanager
@@ -56,7 +57,7 @@ def loopback_index(served: Served, project: str = "vllm") -> Iterator[str]:
                 a, b = rng[6:].split("-")
                 start, end = (size - int(b), size - 1) if a == "" else (int(a), min(int(b or size - 1), size - 1))
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Range", served.content_range or f"bytes {start}-{end}/{size}")
             else:
                 self.send_response(200)
             self.send_header("Content-Length", str(end - start + 1))

@@ -11,11 +11,12 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -551,3 +552,387 @@ def test_refresh_read_only_data_dir(small_fs: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((data / "pins.json").read_text())["vllm"]["0.18.1"]["overlay"] == "fa4-sm90-hd512@0.18.1"
     assert not [p for p in data.rglob(".*.part")]
+
+
+# ==================================================================================================
+# --- issue 22 (boundary22): injection, the one error boundary, all-or-nothing outputs -------------
+# Every test below failed before the fix (a traceback, a second line, a file left or replaced, or a
+# hint pointing at the network). Malformed wheels are made from the real wheels' own members.
+# ==================================================================================================
+
+def derived_wheel(src: Path, dest: Path, edit: Callable[[dict[str, bytes]], None] | None = None,
+                  prefixes: tuple[str, ...] = (".dist-info/", "vllm/vllm_flash_attn/cute/"),
+                  record: bool = True) -> Path:
+    """A wheel holding the members of the real wheel `src` that vllm-forge reads (dist-info, FA4 tree),
+    after `edit`; RECORD regenerated for exactly those members unless record=False."""
+    import base64
+
+    with zipfile.ZipFile(src) as zf:
+        di = next(n.split("/", 1)[0] for n in zf.namelist() if ".dist-info/" in n)
+        members = {n: zf.read(n) for n in zf.namelist()
+                   if any(p in n for p in prefixes) and not n.endswith("/RECORD")}
+        members[f"{di}/RECORD"] = zf.read(f"{di}/RECORD")
+    if record:
+        rows = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).decode().rstrip('=')},{len(d)}"
+                for n, d in sorted(members.items()) if not n.endswith("/RECORD")]
+        members[f"{di}/RECORD"] = ("\n".join([*rows, f"{di}/RECORD,,"]) + "\n").encode()
+    if edit is not None:
+        edit(members)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        for n, d in members.items():
+            out.writestr(n, d)
+    return dest
+
+
+def _member(members: dict[str, bytes], leaf: str) -> str:
+    return next(n for n in members if n.endswith(f".dist-info/{leaf}"))
+
+
+WHEEL_EDITS: dict[str, Callable[[dict[str, bytes]], None]] = {
+    "no METADATA": lambda m: m.pop(_member(m, "METADATA")),
+    "non-UTF-8 METADATA": lambda m: m.update({_member(m, "METADATA"): b"Version: \xff\xfe\n"}),
+    "no RECORD": lambda m: m.pop(_member(m, "RECORD")),
+    "RECORD row of 2 fields": lambda m: m.update({_member(m, "RECORD"): m[_member(m, "RECORD")] + b"a.py,b\n"}),
+    "RECORD row with a bad size": lambda m: m.update(
+        {_member(m, "RECORD"): m[_member(m, "RECORD")] + b"a.py,sha256=AAAA,many\n"}),
+    "stamp not JSON": lambda m: m.update({_member(m, "vllm_forge.json"): b"{not json"}),
+    "stamp of another shape": lambda m: m.update({_member(m, "vllm_forge.json"): b'{"vllm": 5}'}),
+    "stamp patches not objects": lambda m: m.update({_member(m, "vllm_forge.json"): json.dumps(
+        {**json.loads(m[_member(m, "vllm_forge.json")]),
+         "flash_attention": {**json.loads(m[_member(m, "vllm_forge.json")])["flash_attention"],
+                             "patches": [7]}}).encode()}),
+}
+
+
+@pytest.mark.parametrize("edit", list(WHEEL_EDITS))
+def test_verify_malformed_wheel(tmp_path: Path, forged: BuildResult, edit: str) -> None:
+    bad = derived_wheel(forged.wheel, tmp_path / forged.wheel.name, WHEEL_EDITS[edit])
+    err = one_error(run_cli("verify", "--quick", str(bad)))
+    expect = {"no METADATA": "has no member", "non-UTF-8 METADATA": "is not UTF-8 text",
+              "no RECORD": "has no member", "RECORD row of 2 fields": "RECORD of", "RECORD row with a bad size":
+              "has a malformed row", "stamp not JSON": "is not JSON", "stamp of another shape": "is malformed",
+              "stamp patches not objects": "is malformed"}[edit]
+    assert expect in err and forged.wheel.name in err, err
+
+
+@pytest.mark.parametrize("edit", ["no METADATA", "non-UTF-8 METADATA", "RECORD row of 2 fields"])
+def test_build_malformed_base_wheel(tmp_path: Path, base_wheel: Path, fa_upstream: Path, edit: str) -> None:
+    """--base-wheel made of the real 0.19.1 wheel's dist-info and overlay files, damaged."""
+    def keep_record(m: dict[str, bytes]) -> None:
+        WHEEL_EDITS[edit](m)
+
+    bad = derived_wheel(base_wheel, tmp_path / "in" / base_wheel.name, keep_record,
+                        prefixes=(".dist-info/", "vllm/v1/attention/backends/", "vllm/vllm_flash_attn/"))
+    out = tmp_path / "out"
+    err = one_error(run_cli("build", "--out", str(out), "--base-wheel", str(bad), "--fa-src", str(fa_upstream)))
+    assert bad.name in err or "RECORD" in err, err
+    assert listing(out) == []
+
+
+def test_bad_crc_in_a_member_read(tmp_path: Path, forged: BuildResult) -> None:
+    """A copy of the real forged wheel with bytes flipped inside a FA4 member's compressed data."""
+    bad = tmp_path / forged.wheel.name
+    shutil.copyfile(forged.wheel, bad)
+    with zipfile.ZipFile(bad) as zf:
+        info = max((i for i in zf.infolist() if i.filename.startswith("vllm/vllm_flash_attn/cute/")),
+                   key=lambda i: i.compress_size)
+    with open(bad, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.compress_size // 2)
+        f.write(b"\x00\xff" * 8)
+    err = one_error(run_cli("verify", "--quick", str(bad)))
+    assert f"member {info.filename} of wheel {bad} is corrupt" in err
+
+
+def test_not_a_wheel_file_name(tmp_path: Path, base_wheel: Path, forged: BuildResult) -> None:
+    link = tmp_path / "base.zip"
+    link.symlink_to(base_wheel)
+    err = one_error(run_cli("build", "--out", str(tmp_path / "out"), "--base-wheel", str(link)))
+    assert "--base-wheel 'base.zip' is not a wheel file name" in err
+    (tmp_path / "forged.whl").symlink_to(forged.wheel)
+    err = one_error(run_cli("lock", str(tmp_path / "forged.whl"), "--out", str(tmp_path / "l.txt")))
+    assert "wheel 'forged.whl' is not a wheel file name" in err
+    assert listing(tmp_path) == ["base.zip", "forged.whl"]
+
+
+def test_decompression_bomb_in_verify(tmp_path: Path, forged: BuildResult) -> None:
+    """A FA4 member of 400 MB of zeros (400 kB compressed), listed in RECORD: refused before it is
+    inflated; the verify process stays far below the member's size."""
+    def bomb(m: dict[str, bytes]) -> None:
+        pass
+
+    bad = derived_wheel(forged.wheel, tmp_path / forged.wheel.name, bomb)
+    zeros = 400 << 20
+    with zipfile.ZipFile(bad, "a", zipfile.ZIP_DEFLATED) as zf, \
+            zf.open("vllm/vllm_flash_attn/cute/bomb.py", "w", force_zip64=True) as f:
+        chunk = bytes(1 << 20)
+        for _ in range(zeros >> 20):
+            f.write(chunk)
+    code = ("import resource, sys\nfrom vllm_forge.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, "verify", "--quick", str(bad)], capture_output=True, text=True,
+                       check=False)
+    err = one_error(r)
+    assert "member vllm/vllm_flash_attn/cute/bomb.py" in err and "decompression bomb" in err
+    peak_kb = int(r.stderr.strip().splitlines()[-1])
+    assert peak_kb < 300_000, f"verify peaked at {peak_kb} kB for a {zeros} byte member"
+
+
+@pytest.mark.parametrize("value", ["4354819200", "99999999999999999999999", "-1", "1e9", "١٢٣"])
+def test_source_date_epoch_out_of_range(tmp_path: Path, value: str) -> None:
+    """2108 and later (a zip date ends with 2107), huge, negative, not decimal ASCII: refused before
+    any work, for each command that stamps times."""
+    for cmd in (["build", "--out", str(tmp_path / "out")], ["build-fa4-wheel", "--out", str(tmp_path / "out")],
+                ["docker", "--build", "--out", str(tmp_path / "out")]):
+        err = one_error(run_cli(*cmd, env={"SOURCE_DATE_EPOCH": value}))
+        assert "SOURCE_DATE_EPOCH=" in err and ("out of range" in err or "not an integer" in err), err
+        assert listing(tmp_path) == []
+
+
+def test_low_open_file_limit(tmp_path: Path, fa_upstream: Path) -> None:
+    """ulimit -n too low for the imports (gitpython) and the work: one line naming ulimit -n."""
+    def nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+
+    r = subprocess.run([sys.executable, "-m", "vllm_forge.cli", "build", "--out", str(tmp_path / "out"),
+                        "--fa-src", str(fa_upstream)], capture_output=True, text=True, preexec_fn=nofile,
+                       check=False)
+    err = one_error(r)
+    assert "Too many open files" in err and "ulimit -n" in err and "network" not in err
+    assert listing(tmp_path) == []
+
+
+def test_low_memory_limit(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
+    """ulimit -v from tight to enough: every run that got to work either succeeds or ends in one line
+    naming the memory limit (MemoryError, or a thread without memory for its stack); some do."""
+    refused = 0
+    for kb in (40_000, 50_000, 60_000, 80_000):
+        out = tmp_path / f"out{kb}"
+
+        def limit(kb: int = kb) -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (kb << 10, kb << 10))
+
+        r = subprocess.run([sys.executable, "-m", "vllm_forge.cli", "build", "--out", str(out), "--base-wheel",
+                            str(base_wheel), "--fa-src", str(fa_upstream)], capture_output=True, text=True,
+                           preexec_fn=limit, check=False)
+        if r.returncode == 0 or "vllm-forge" not in r.stderr:  # enough, or the interpreter could not start
+            continue
+        err = one_error(r)
+        assert "ulimit -v" in err, err
+        assert listing(out) == []
+        refused += 1
+    assert refused, "no limit was tight enough to test anything"
+
+
+def test_index_malformed_entries(tmp_path: Path, base_wheel: Path) -> None:
+    """A PEP 691 page whose file entry lacks its url, or whose files are not objects."""
+    for page in ({"files": [{"filename": base_wheel.name}]}, {"files": ["x"]}, {"files": {"a": 1}}):
+        with loopback_index(Served({}, page=json.dumps(page).encode())) as url:
+            err = one_error(run_cli("build", "--out", str(tmp_path / "out"), "--index-url", url,
+                                    env={"VLLM_FORGE_CACHE": str(tmp_path / "cache")}))
+        assert "gave no usable PEP 691 JSON page" in err
+        assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("content_range", ["bytes 0-0/*", "bytes 0-0/abc", "bytes 0-0/" + "9" * 30])
+def test_index_malformed_content_range(tmp_path: Path, pins: Pins, content_range: str,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The wheel mirror's range requests answered with an unusable Content-Range: the whole file is
+    downloaded instead (sha256-checked), the FA4 tree delivered."""
+    from conftest import real_wheel
+
+    from vllm_forge.fa4 import from_wheel
+
+    w = real_wheel(pins.fa.wheel_mirror.version)
+    monkeypatch.setenv("VLLM_FORGE_CACHE", str(tmp_path / "cache"))
+    with loopback_index(Served({w.name: w}, content_range=content_range)) as url:
+        tree, mirror = from_wheel(pins.fa, lambda: Index(url), pins.index_project)
+    assert len(tree) == pins.fa.cute_file_count and "range requests" not in mirror
+
+
+@pytest.mark.parametrize("where", ["member", "tree"])
+def test_symlink_loop_in_cached_fa4_tree(tmp_path: Path, pins: Pins, fa_upstream: Path, wheel_mirror_index: str,
+                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                        where: str) -> None:
+    """A symlink loop in the cached FA4 tree (a member, or the tree's directory itself): evicted and
+    fetched again, the cache repaired."""
+    cache = tmp_path / "cache"
+    tree = cache / "fa4" / pins.fa.commit
+    if where == "member":
+        shutil.copytree(fa_upstream, tree)
+        (tree / CUTE / "loop.py").symlink_to(tree / CUTE / "loop.py")
+    else:
+        tree.parent.mkdir(parents=True)
+        tree.symlink_to(tree)
+    monkeypatch.setenv("VLLM_FORGE_CACHE", str(cache))
+    for k, v in NO_GITHUB.items():
+        monkeypatch.setenv(k, v)
+    got = get_fa4_sources(pins.fa, tmp_path / "work", lambda: Index(wheel_mirror_index), pins.index_project,
+                          patch_dir=tmp_path)
+    assert f"vllm-forge: cached flash-attention tree {pins.fa.commit[:12]}" in capsys.readouterr().err
+    assert got.mirror.startswith("wheel ") and got.pin_tree_sha256 == pins.fa.cute_tree_sha256
+    assert tree.is_dir() and not tree.is_symlink() and not (tree / CUTE / "loop.py").is_symlink()
+
+
+def test_result_path_on_a_non_utf8_stdout(tmp_path: Path) -> None:
+    """stdout that cannot spell the path (PYTHONIOENCODING=ascii): the path's own bytes are printed."""
+    out = tmp_path / "dockér€"
+    r = run_cli("docker", "--out", str(out), env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "vllm_forge.cli", "docker", "--out", str(out)], capture_output=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"}, check=False)
+    assert r.returncode == 0 and r.stdout == os.fsencode(out / "Dockerfile") + b"\n", r.stderr[-2000:]
+
+
+# --- injection -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["9.0a$(touch {x})", "9.0a\"; touch {x}; \"", "9.0a`touch {x}`", "9.0a\ntouch {x}"])
+def test_source_arch_injection(tmp_path: Path, arch: str) -> None:
+    x = tmp_path / "X"
+    err = one_error(run_cli("build", "--mode", "source", "--arch", arch.format(x=x), "--out", str(tmp_path / "out")))
+    assert "is not a CUDA arch list" in err
+    assert listing(tmp_path) == []
+
+
+def test_build_script_quotes_every_value(tmp_path: Path) -> None:
+    """forge-build.sh quotes what comes from files too (torch's pin from the sdist's requirements)."""
+    from vllm_forge.source import build_script, check_arch
+
+    assert check_arch("8.0;9.0a;10.0a+PTX") and check_arch("9.0a 12.0f")
+    x = tmp_path / "X"
+    script = tmp_path / "forge-build.sh"
+    script.write_text(build_script(tool="0", version=f"$(touch {x})", commit="`touch X`", arch="9.0a",
+                                   epoch=1, torch=f"'; touch {x}; '"))
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
+                       cwd=tmp_path, check=False)
+    assert r.returncode != 0 and "VLLM_FLASH_ATTN_SRC_DIR" in r.stderr
+    assert not x.exists() and not (tmp_path / "X").exists()
+
+
+@pytest.mark.parametrize("ref", ["x.whl\n--extra-index-url http://127.0.0.1:9/evil/", "x.whl\r--pre",
+                                 "--extra-index-url=http://127.0.0.1:9/", "x.whl #comment", "${HOME}/x.whl",
+                                 "my wheel.whl", ""])
+def test_lock_wheel_ref_injection(tmp_path: Path, forged: BuildResult, ref: str) -> None:
+    out = tmp_path / "l.txt"
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(out), f"--wheel-ref={ref}",
+                            "--index-url", "http://127.0.0.1:9/simple/"))
+    assert "--wheel-ref" in err and "plain path or URL" in err
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory"])
+def test_outputs_that_are_not_regular_files(tmp_path: Path, forged: BuildResult, kind: str) -> None:
+    """lock --out / docker's Dockerfile on a FIFO, a socket or a directory: refused, left as it was
+    (as root, --out /dev/null used to become a regular file)."""
+    out = tmp_path / "l.txt"
+    docker_out = tmp_path / "d"
+    docker_out.mkdir()
+    sockets = []
+    for path in (out, docker_out / "Dockerfile"):
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "socket":
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(str(path))
+            sockets.append(s)
+        else:
+            path.mkdir()
+    try:
+        err = one_error(run_cli("lock", str(forged.wheel), "--out", str(out), "--index-url",
+                                "http://127.0.0.1:9/simple/"))
+        assert str(out) in err and ("is a FIFO" in err or "is a socket" in err or "is a directory" in err), err
+        err = one_error(run_cli("docker", "--out", str(docker_out)))
+        assert "Dockerfile" in err and ("is a FIFO" in err or "is a socket" in err or "is a directory" in err), err
+        for path in (out, docker_out / "Dockerfile"):
+            mode = path.lstat().st_mode
+            assert {"fifo": stat.S_ISFIFO, "socket": stat.S_ISSOCK, "directory": stat.S_ISDIR}[kind](mode)
+        assert listing(docker_out) == ["Dockerfile"]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --- left behind after a refusal -------------------------------------------------------------------
+
+def test_docker_fa4_cache_refused_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    err = one_error(run_cli("docker", "--out", str(tmp_path / "out"), "--fa4-cache", str(tmp_path / "cache")))
+    assert "is not an FA4 kernel cache" in err
+    assert listing(tmp_path) == ["cache"]
+
+
+def test_build_manifest_unwritable_publishes_nothing(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
+    """The manifest's place is taken by a directory: neither the wheel nor the manifest is published."""
+    out = tmp_path / "out"
+    (out / (WHEEL_NAME[:-4] + ".manifest.json")).mkdir(parents=True)
+    err = one_error(run_cli("build", "--out", str(out), "--base-wheel", str(base_wheel), "--fa-src", str(fa_upstream)))
+    assert "manifest.json is a directory" in err
+    assert listing(out) == [WHEEL_NAME[:-4] + ".manifest.json"]
+
+
+def test_publish_together_undoes_the_first(tmp_path: Path) -> None:
+    """The second rename fails: the first target gets its earlier content back (function)."""
+    from vllm_forge.output import publish_together
+
+    (tmp_path / "a").write_text("old a\n")
+    (tmp_path / "ta").write_text("new a\n")
+    (tmp_path / "tb").write_text("new b\n")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OSError):
+        publish_together([(tmp_path / "ta", tmp_path / "a"), (tmp_path / "tb", tmp_path / "sub" / "nodir" / "b")])
+    assert (tmp_path / "a").read_text() == "old a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "sub", "tb"]
+
+
+# --- arguments, hints, bugs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["build", "--fa4", "nope"], ["build", "--no-such-flag"], ["fa4-cache", "--out", "x"],
+                                  ["fa4-cache", "--model", "m", "--out", "x", "--layers", "two"], ["nope"], [],
+                                  ["verify"], ["refresh", "--from", "0.19.1"], ["lock", "a", "b\nc"]])
+def test_argument_errors_one_line(tmp_path: Path, args: list[str]) -> None:
+    r = run_cli(*args)
+    err = one_error(r)
+    assert "see `vllm-forge" in err and "--help`" in err
+    assert "usage:" not in r.stderr and r.stdout == ""
+
+
+def test_broken_data_dir_is_not_a_network_problem(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
+    """VLLM_FORGE_DATA_DIR without CMakeLists.txt: every FA4 mirror fails in the same CMake step; the
+    hint names the data directory, not the network."""
+    data = data_copy(tmp_path)
+    (data / "CMakeLists.txt").unlink()
+    env = {"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FLASH_ATTN_SRC_DIR": str(fa_upstream),
+           "VLLM_FORGE_CACHE": str(tmp_path / "cache"), **NO_GITHUB}
+    env["VLLM_FLASH_ATTN_SRC_DIR"] = str(fa_upstream)
+    err = one_error(run_cli("build", "--out", str(tmp_path / "out"), "--base-wheel", str(base_wheel),
+                            "--index-url", "http://127.0.0.1:9/simple/", env=env))
+    assert "CMake FA4 component failed" in err and "VLLM_FORGE_DATA_DIR" in err and "network" not in err
+    assert listing(tmp_path / "out") == []
+
+
+BUG = """
+import sys
+import vllm_forge.docker as d
+def broken(*args, **kwargs):
+    return {}["no such key"]
+d.render = broken
+from vllm_forge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_is_one_line_with_its_traceback_kept(tmp_path: Path) -> None:
+    """An exception no refusal covers (here a KeyError put into `docker`): one line saying it is a
+    vllm-forge bug and where the traceback is; VLLM_FORGE_DEBUG=1 prints the traceback."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", BUG, "docker", "--out", str(tmp_path / "o")], capture_output=True,
+                       text=True, env=env, check=False)
+    err = one_error(r)
+    assert "internal error (KeyError: 'no such key'): a vllm-forge bug" in err
+    saved = [p for p in tmp_path.iterdir() if p.name.startswith("vllm-forge-bug-")]
+    assert len(saved) == 1 and "Traceback" in saved[0].read_text() and str(saved[0]) in err
+    r = subprocess.run([sys.executable, "-c", BUG, "docker", "--out", str(tmp_path / "o")], capture_output=True,
+                       text=True, env={**env, "VLLM_FORGE_DEBUG": "1"}, check=False)
+    assert r.returncode == 2 and "Traceback" in r.stderr and "a vllm-forge bug -- the traceback is above" in r.stderr

@@ -39,8 +39,6 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
           allow_unvalidated: bool = False, runtime: bool = True) -> BuildResult:
     t0 = time.monotonic()
     source_date_epoch(0, "")  # a malformed SOURCE_DATE_EPOCH is refused before any work
-    if base_wheel is not None:
-        check_wheel_name(Path(base_wheel).name, "--base-wheel")
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
@@ -57,6 +55,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         base = Path(base_wheel)
         if not base.is_file():
             raise ForgeError(f"base wheel {base} does not exist", "check --base-wheel")
+        check_wheel_name(base.name, "--base-wheel")
         base_origin = f"local {base}"
     else:
         base = cache_dir() / "dl" / vpin.wheel

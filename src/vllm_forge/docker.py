@@ -190,7 +190,7 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
                   file=sys.stderr)
 
     env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    epoch = parse_epoch(env_epoch) if env_epoch else None  # refused before anything is written
+    epoch = parse_epoch(env_epoch) if build and env_epoch else None  # refused before anything is written
     rendered = render(version, out, check_fa4_cache)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
     if not build:

@@ -45,7 +45,7 @@ OS_HINTS = {
     errno.EMFILE: "this process may open too few files (ulimit -n); raise it (e.g. ulimit -n 4096) and run again",
     errno.ENFILE: "the system's open-file table is full; close other programs or raise fs.file-max, then run again",
     errno.ENOMEM: "out of memory; raise the memory limit (ulimit -v) or free memory, then run again",
-    errno.EAGAIN: "a process or thread limit (ulimit -u) was hit; raise it or wait, then run again",
+    errno.EAGAIN: "raise the memory limit (ulimit -v) or the process limit (ulimit -u), or wait, then run again",
     errno.ELOOP: "that path is a symbolic-link loop (or links too deep); replace the link with a file or directory",
     errno.ENAMETOOLONG: "use a shorter path",
     errno.EXDEV: "that path crosses filesystems in an unexpected way; keep --out and the cache on one filesystem",
@@ -83,7 +83,7 @@ def resource_cause(e: BaseException | None) -> OSError | MemoryError | None:
         if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
             return e
         if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
-            return OSError(errno.EAGAIN, "cannot start a thread")
+            return OSError(errno.EAGAIN, "cannot start a thread (no memory for its stack, or too many processes)")
         reason = getattr(e, "reason", None)  # urllib.error.URLError
         e = reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
     return None

@@ -108,8 +108,8 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     check_wheel_ref(wheel_ref if wheel_ref is not None else str(wheel))
     if out.is_dir():
         raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
-    check_target(out, "--out")  # a device, FIFO or socket is refused, not replaced
     check_output_dir(out.parent, "the directory of --out")
+    check_target(out, "--out")  # a device, FIFO or socket is refused, not replaced
     pip_args = ["--index-url", index_url] if index_url else []
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
     lines = lock_lines(wheel, items, wheel_ref or str(wheel))

@@ -66,6 +66,11 @@ _ARCH = r"\d{1,2}\.\d[af]?(?:\+PTX)?"
 ARCH_LIST = re.compile(rf"^{_ARCH}(?:[; ]{_ARCH})*$")
 
 
+def build_script(**values: object) -> str:
+    """forge-build.sh with every value shell-quoted (tool, version, torch, commit, arch, epoch)."""
+    return BUILD_SH.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+
+
 def check_arch(arch: str) -> str:
     if not ARCH_LIST.fullmatch(arch):
         raise ForgeError(f"--arch {arch[:60]!r} is not a CUDA arch list",
@@ -116,9 +121,8 @@ def build_source(version: str | None, out_dir: Path, index_url: str | None = Non
         epoch = pins.fa.commit_epoch
         torch = next((ln.split("==")[1] for ln in (root / "requirements/cuda.txt").read_text().split()
                       if ln.startswith("torch==")), "as in requirements/cuda.txt")
-        (root / "forge-build.sh").write_text(BUILD_SH.format(**{k: shlex.quote(str(v)) for k, v in {
-            "tool": __version__, "version": vpin.version, "commit": pins.fa.commit, "arch": arch, "epoch": epoch,
-            "torch": torch}.items()}))
+        (root / "forge-build.sh").write_text(build_script(
+            tool=__version__, version=vpin.version, commit=pins.fa.commit, arch=arch, epoch=epoch, torch=torch))
         (root / "forge-build.sh").chmod(0o755)
         (root / "vllm-forge-source.json").write_text(json.dumps({
             "tool": f"vllm-forge {__version__}", "vllm": vpin.version,
