@@ -811,6 +811,16 @@ def test_build_script_quotes_every_value(tmp_path: Path) -> None:
     assert not x.exists() and not (tmp_path / "X").exists()
 
 
+@pytest.mark.parametrize("src", ["ext::sh -c touch% {x}.git", "-u{x}.git", "fd::17", "https://h/fa\n.git"])
+def test_fa_src_git_transport_injection(tmp_path: Path, src: str) -> None:
+    """--fa-src taken as a git URL: only plain transports (git's `ext::` runs a command), no options."""
+    x = tmp_path / "X"
+    err = one_error(run_cli("build-fa4-wheel", "--out", str(tmp_path / "out"), f"--fa-src={src.format(x=x)}",
+                            env={"VLLM_FORGE_CACHE": str(tmp_path / "cache"), "GIT_ALLOW_PROTOCOL": "ext:file"}))
+    assert "is neither a directory nor a plain git URL" in err
+    assert not x.exists() and listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("ref", ["x.whl\n--extra-index-url http://127.0.0.1:9/evil/", "x.whl\r--pre",
                                  "--extra-index-url=http://127.0.0.1:9/", "x.whl #comment", "${HOME}/x.whl",
                                  "my wheel.whl", ""])

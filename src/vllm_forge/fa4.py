@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -302,10 +303,23 @@ def cmake_install_fa4(src_root: Path, work: Path, commit: str | None = None) -> 
     return read_tree(prefix / WHEEL_CUTE, "CMake FA4 component output")
 
 
+_GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+|[^:\-][^:]*)$")
+
+
+def check_git_url(url: str) -> str:
+    """A git mirror URL of a plain transport (https, http, ssh, git, file, user@host:path, a path): never
+    `ext::` (runs a command), an option (`-...`) or a control character."""
+    if url.startswith("-") or not _GIT_URL.match(url) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise ForgeError(f"--fa-src {url[:80]!r} is neither a directory nor a plain git URL",
+                         "give a flash-attention checkout, or an https://, ssh://, git://, file:// or user@host:path URL")
+    return url
+
+
 def _mirrors(fa_src: str | None, pin: FaTarget, index: Callable[[], Index],
              project: str) -> list[tuple[str, Callable[[], tuple[Tree, str]]]]:
     if fa_src:
-        if "://" in fa_src or fa_src.startswith("git@") or fa_src.endswith(".git"):
+        if "://" in fa_src or fa_src.startswith("git@") or fa_src.endswith(".git") or "::" in fa_src:
+            check_git_url(fa_src)
             return [("git", lambda: (from_git(fa_src, pin.commit), f"git {fa_src}@{pin.commit}"))]
         return [("local", lambda: (from_local(Path(fa_src)), f"local {fa_src}"))]
     chain: list[tuple[str, Callable[[], tuple[Tree, str]]]] = []

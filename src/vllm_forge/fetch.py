@@ -209,6 +209,8 @@ class Index:
                                      "run again (nothing was cached); check the network or --index-url")
             check_digest(h.hexdigest(), sha256, f"downloaded {filename}",
                          "the download was corrupt or the index serves another file; try again")
+            if target.is_symlink() or (target.exists() and not target.is_file()):  # a link loop, a directory
+                evict(target, "is not a regular file", "replacing it with the download")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

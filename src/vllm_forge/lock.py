@@ -9,6 +9,7 @@ runtime's Ubuntu and Python)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -18,11 +19,16 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from .errors import ForgeError
+from .errors import OS_HINTS, ForgeError
 from .fetch import sha256_file
 from .assemble import check_wheel_name
 from .output import check_output_dir, check_target, publish, staged_output
 from .pins import load_pins
+
+
+# pip's own failures for want of resources: its hint must not send the user to the network
+RESOURCE_SIGNS = (("Too many open files", OS_HINTS[errno.EMFILE]), ("MemoryError", OS_HINTS[errno.ENOMEM]),
+                  ("Cannot allocate memory", OS_HINTS[errno.ENOMEM]), ("No space left on device", OS_HINTS[errno.ENOSPC]))
 
 
 def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict]:
@@ -43,8 +49,9 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
                              "give --python the path of a Python interpreter with pip") from None
         if r.returncode != 0:
             tail = " | ".join(ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING"))[-600:]
-            raise ForgeError(f"pip could not resolve {wheel.name}: {tail}",
-                             "check the network/index (--index-url) and that pip >= 22.2 runs this")
+            hint = next((h for sign, h in RESOURCE_SIGNS if sign in r.stderr),
+                        "check the network/index (--index-url) and that pip >= 22.2 runs this")
+            raise ForgeError(f"pip could not resolve {wheel.name}: {tail}", hint)
         try:
             items: list[dict] = json.loads(report.read_text())["install"]
             for item in items:
