@@ -117,7 +117,7 @@ def check_wheel_name(name: str, what: str) -> None:
     """Refuse a file name that is not a wheel's (PEP 427: name-version[-build]-python-abi-platform.whl)."""
     try:
         parse_wheel_filename(name)
-    except Exception as e:  # packaging raises InvalidWheelFilename, InvalidVersion...
+    except Exception as e:  # noqa: BLE001  # packaging raises InvalidWheelFilename, InvalidVersion...
         raise ForgeError(f"{what} {name!r} is not a wheel file name ({e})",
                          "give a wheel with its file name as built (name-version-python-abi-platform.whl)") from None
 

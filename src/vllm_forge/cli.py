@@ -251,8 +251,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handle
     ("build-fa4-wheel", "a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)", _build_fa4_wheel_args,
      _build_fa4_wheel),
     ("docker", "render docker/Dockerfile.in (and build it where an engine works)", _docker_args, _docker),
-    ("fa4-cache", "compile a model's FA4 kernels ahead of time (GPU machine, forged wheel installed): a cache "
-     "for `vllm-forge docker --fa4-cache`", _fa4_cache_args, _fa4_cache),
+    ("fa4-cache", ("compile a model's FA4 kernels ahead of time (GPU machine, forged wheel installed): a cache "
+                   "for `vllm-forge docker --fa4-cache`"), _fa4_cache_args, _fa4_cache),
     ("lock", "hash-pinned requirements for `pip install --require-hashes` of a wheel", _lock_args, _lock),
     ("refresh", "port the overlay of one pinned vLLM release to another (three-way merge)", _refresh_args, _refresh),
 ]
@@ -290,7 +290,7 @@ def _bug(e: BaseException) -> int:
             with os.fdopen(fd, "w", errors="backslashreplace") as f:
                 f.write(f"{PROG} {__version__}, argv {sys.argv!r}\n{text}")
             where = f"the traceback is in {path}"
-        except Exception as werr:  # noqa: BLE001 (a full temp dir must not hide the bug line)
+        except Exception as werr:
             where = f"the traceback could not be written ({type(werr).__name__}: {werr})"
     summary = f"{type(e).__name__}: {e}"[:300]
     return _error(f"internal error ({summary}): a vllm-forge bug -- {where}; please report it with the command "

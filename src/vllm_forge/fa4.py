@@ -15,8 +15,8 @@ import re
 import shutil
 import socket
 import subprocess
-import urllib.error
 import sys
+import urllib.error
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field

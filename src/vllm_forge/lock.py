@@ -19,12 +19,11 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from .assemble import check_wheel_name
 from .errors import OS_HINTS, ForgeError
 from .fetch import sha256_file
-from .assemble import check_wheel_name
 from .output import check_output_dir, check_target, publish, staged_output
 from .pins import load_pins
-
 
 # pip's own failures for want of resources: its hint must not send the user to the network
 RESOURCE_SIGNS = (("Too many open files", OS_HINTS[errno.EMFILE]), ("MemoryError", OS_HINTS[errno.ENOMEM]),
@@ -55,7 +54,7 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
         try:
             items: list[dict] = json.loads(report.read_text())["install"]
             for item in items:
-                item["metadata"]["name"], item["metadata"]["version"]  # noqa: B018 (the shape lock reads)
+                item["metadata"]["name"], item["metadata"]["version"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ForgeError(f"pip's installation report is unreadable ({type(e).__name__}: {e})",
                              "check that --python runs pip >= 22.2") from None

@@ -11,7 +11,6 @@ into one directory both work.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re

@@ -11,7 +11,14 @@ from installer.sources import WheelFile
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from .assemble import WheelZip, dist_info_dir, metadata_version, open_wheel, read_record, record_entry
+from .assemble import (
+    WheelZip,
+    dist_info_dir,
+    metadata_version,
+    open_wheel,
+    read_record,
+    record_entry,
+)
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, fa_target, tree_sha256, zip_tree
 from .overlay import load_stack
