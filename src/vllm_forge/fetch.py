@@ -26,6 +26,7 @@ from typing import BinaryIO
 from .errors import ForgeError, resource_refusal
 
 CHUNK = 4 << 20
+MAX_PAGE = 64 << 20  # PyPI's JSON page of vllm (every release, every file) is ~130 kB
 TIMEOUT_S = 60
 
 
@@ -149,7 +150,10 @@ class Index:
             url = self.url + project + "/"
             try:
                 with self._open(url, {"Accept": "application/vnd.pypi.simple.v1+json"}) as r:
-                    page = json.load(r)
+                    body = r.read(MAX_PAGE + 1)  # an endless page must not fill the memory
+                if len(body) > MAX_PAGE:
+                    raise ValueError(f"the page is larger than {MAX_PAGE} bytes")
+                page = json.loads(body)
                 files = page["files"]
                 if not isinstance(files, list) or not all(
                         isinstance(f, dict) and isinstance(f.get("filename"), str) and isinstance(f.get("url"), str)
