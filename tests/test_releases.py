@@ -54,14 +54,16 @@ def test_series_manifest_keys_are_the_pins_trees() -> None:
 @pytest.mark.parametrize("version", ["0.22.1", "0.25.1"])
 def test_tune_build_keeps_the_release_and_its_requirements(version: str, tmp_path: Path) -> None:
     """Two tune releases on different FA pins: only cute/ changes (the release's own pin + its
-    series), Requires-Dist stays the release's, verify passes."""
+    series), the runtime layer is added and, where the release forces TRITON_ATTN for Gemma-4
+    (0.22.1, not 0.25.1), config.py gets the gemma4-fa4 layer; Requires-Dist stays the release's."""
     base = real_wheel(version)
     pins = load_pins()
     vp = pins.vllm[version]
     series = series_for(vp.cute_tree_sha256)
     assert series is not None and not series.validated(), "the shipped series of this pin is GPU-validated"
     result = build(version, tmp_path)
-    assert result.wheel.name.startswith(f"vllm-{version}+fa4.{vp.fa_short}.p{series.hash}-")
+    gemma4 = version == "0.22.1"
+    assert result.wheel.name.startswith(f"vllm-{version}+fa4.{vp.fa_short}.p{series.hash}{'.gemma4' * gemma4}-")
     verify_wheel(result.wheel, deep=True)
     with zipfile.ZipFile(base) as zb, zipfile.ZipFile(result.wheel) as zf:
         bdi = next(n.split("/")[0] for n in zb.namelist() if n.endswith(".dist-info/METADATA"))
@@ -75,8 +77,8 @@ def test_tune_build_keeps_the_release_and_its_requirements(version: str, tmp_pat
         assert tree_sha256(zip_tree(zf, WHEEL_CUTE)) == stamp["flash_attention"]["tree_sha256"] != vp.cute_tree_sha256
         changed = {n for n in zf.namelist() if not n.startswith((WHEEL_CUTE, fdi))
                    and (n not in zb.namelist() or zf.read(n) != zb.read(n))}
-        # outside FA4 and dist-info, only the runtime layer is added (byte for byte ours)
-        assert changed == {RUNTIME_MODULE}
+        # outside FA4 and dist-info, only the runtime layer is added (byte for byte ours), and the Gemma-4 layer
+        assert changed == {RUNTIME_MODULE} | ({"vllm/model_executor/models/config.py"} if gemma4 else set())
         assert zf.read(RUNTIME_MODULE) == runtime_source()
 
 
@@ -131,7 +133,7 @@ def test_another_series_never_gets_the_default_name(tmp_path: Path) -> None:
     pin_only = build("0.22.1", tmp_path / "c", fa_patch_dir=none)
     names = {default.wheel.name, other.wheel.name, pin_only.wheel.name}
     assert len(names) == 3, names
-    assert pin_only.wheel.name.startswith("vllm-0.22.1+fa4.bce2942-")
+    assert pin_only.wheel.name.startswith("vllm-0.22.1+fa4.bce2942.gemma4-")
     verify_wheel(other.wheel, fa_patch_dir=custom)
 
 

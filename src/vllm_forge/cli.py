@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mode", choices=("overlay", "source"), default="overlay",
                    help="overlay: patch the upstream wheel (default); source: prepare the sdist for vLLM's CUDA build")
     b.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a)")
-    b.add_argument("--gemma4-fa4", action="store_true",
-                   help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
+    b.add_argument("--gemma4-fa4", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gemma-4 on SM90 with FA4: FLASH_ATTN + FA4 for every layer where the release forces "
+                        "TRITON_ATTN (0.19.0-0.23.0: on by default; --no-gemma4-fa4 keeps the release's choice; "
+                        "at run time VLLM_FORGE_GEMMA4_FA4=0 does too)")
     b.add_argument("--allow-unvalidated", action="store_true",
                    help="tune releases: ship a flash-attention series that has no GPU validation record")
     b.add_argument("--no-runtime", dest="runtime", action="store_false",

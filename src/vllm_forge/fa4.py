@@ -81,11 +81,14 @@ def fa_target(pins: Pins, vpin: VllmPin, local_wheel: Path | None = None) -> FaT
     return FaTarget(vpin.flash_attention_commit, vpin.cute_tree_sha256, pins.fa.git_repository, mirror, local_wheel)
 
 
-def forged_label(pins: Pins, vpin: VllmPin, fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> str:
-    """The version label `build` gives vpin with its pin's default series."""
+def forged_label(pins: Pins, vpin: VllmPin, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None) -> str:
+    """The version label `build` gives vpin with its pin's default series (and default Gemma-4 layer)."""
+    from .overlay import gemma4_fa4_for
+
     target = fa_target(pins, vpin)
     series = series_for(target.cute_tree_sha256)
-    return version_label(target.short, fa4_mode, gemma4_fa4, series.hash if series else "")
+    return version_label(target.short, fa4_mode, gemma4_fa4_for(vpin.version, gemma4_fa4),
+                         series.hash if series else "")
 
 
 def default_patch_dir(target: FaTarget) -> Path | None:
