@@ -93,7 +93,7 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["inputs"]["flash_attention"]["tree_sha256"] == pins.fa.cute_tree_sha256
     assert m["inputs"]["flash_attention"]["mirror"]
     assert m["overlay"]["layers"] == ["fa4-sm90-hd512", "gemma4-fa4"] and m["fa4_mode"] == "bundled"
-    assert len(m["overlay"]["files"]) == 3 and m["overlay"]["adds"] == {}
+    assert len(m["overlay"]["files"]) == 4 and m["overlay"]["adds"] == {}
     assert [(p["name"], p["sha256"]) for p in m["flash_attention"]["patches"]] == \
         [(n, h) for n, h, _ in default_fa_series()]
     with zipfile.ZipFile(forged.wheel) as out:
