@@ -389,6 +389,8 @@ def load_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
     for p in paths:
         try:
             r = json.loads(p.read_text())
+            for key in ("layers", "block_size", "engine_start_s"):  # what every result has, old or new
+                r[key]  # noqa: B018 - a KeyError names the missing field
             out[r["name"]] = upgrade(r)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ForgeError(f"cannot read bench result {p}: {type(e).__name__}: {e}",
