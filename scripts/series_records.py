@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vllm_forge.series import read_manifest, series_for, write_manifest  # noqa: E402
 from vllm_forge.validation import check_record  # noqa: E402
 
+NOT_FA4_RUNTIME = ("python", "torch", "torch_cuda", "triton", "vllm")  # the rest: what fa4_compile_check installs
+
 
 def validation(results: list[Path], root: Path | None = None) -> int:
     manifest = read_manifest(root)
@@ -35,7 +37,8 @@ def validation(results: list[Path], root: Path | None = None) -> int:
         d = r["device"]
         entry["validation"] = {**({"earlier": earlier} if earlier else {}),
             "by": f"vllm-forge validate ({r['tool']})", "date": r["date"][:10], "device": d["name"],
-            "device_class": d["class"], "driver": d["driver"], "release": r["vllm"], "runtime": r["runtime"],
+            "device_class": d["class"], "driver": d["driver"], "release": r["vllm"],
+            "runtime": [f"{k}=={v}" for k, v in sorted(r["runtime"].items()) if k not in NOT_FA4_RUNTIME],
             "series": r["series"], "passed": r["passed"], "summary": r["summary"],
             "checks": f"{sum(c['ok'] for c in r['checks'])}/{len(r['checks'])} passed",
             "timing": f"A/B in one process, {r['rounds']} rounds alternating order; SM clock {r['clock']['note']}",
