@@ -40,13 +40,13 @@ def device_class(capability: tuple[int, int] | list[int]) -> str:
     return f"sm{int(major)}{int(minor)}"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "device"
 
 
 def record_path(record: dict[str, Any], root: Path | None = None) -> Path:
     d = record["device"]
-    name = f"{record['pin_tree_sha256'][:12]}-{record['series'] or 'none'}-{d['class']}-{_slug(d['name'])}.json"
+    name = f"{record['pin_tree_sha256'][:12]}-{record['series'] or 'none'}-{d['class']}-{slug(d['name'])}.json"
     return (root or user_data_dir()) / RECORDS / name
 
 

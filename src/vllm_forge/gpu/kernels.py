@@ -82,10 +82,12 @@ def reference(p: Paged, scale: float, causal: bool = True, window: int | None = 
     block = p.k_cache.shape[1]
     out = torch.empty(p.q.shape, dtype=torch.float64, device="cuda")
     start = 0
+    # fp8 caches: widened before they are indexed (not every indexing kernel takes float8)
+    kc, vc = (p.k_cache, p.v_cache) if p.descale is None else (p.k_cache.float(), p.v_cache.float())
     for i, (ql, kl) in enumerate(zip(p.q_lens, p.kv_lens, strict=True)):
         blocks = p.block_table[i, :math.ceil(kl / block)].long()
-        k = p.k_cache[blocks].reshape(-1, hkv, p.k_cache.shape[-1])[:kl].double()
-        v = p.v_cache[blocks].reshape(-1, hkv, p.v_cache.shape[-1])[:kl].double()
+        k = kc[blocks].reshape(-1, hkv, kc.shape[-1])[:kl].double()
+        v = vc[blocks].reshape(-1, hkv, vc.shape[-1])[:kl].double()
         if p.descale is not None:
             k, v = k * p.descale[i].double()[None, :, None], v * p.descale[i].double()[None, :, None]
         k = k.repeat_interleave(hq // hkv, dim=1)

@@ -44,7 +44,7 @@ from ..errors import ForgeError
 from ..output import make_output_dir
 from ..pins import load_pins
 from ..series import series_hash
-from ..validation import FORMAT, device_class, write_record
+from ..validation import FORMAT, device_class, slug, write_record
 from .trees import (
     FORGED_PKG,
     STOCK_PKG,
@@ -481,7 +481,7 @@ def validate(req: ValidateRequest) -> int:
     result["passed"] = req.only == "all" and bool(checks) and bool(ab) and all(g["ok"] for g in result["goals"] if g["required"])
     result["summary"] = "; ".join(f"{'ok' if g['ok'] else 'MISSED'} {g['goal']} ({g['got']})" for g in result["goals"])
     print(report(result))
-    out = req.out / f"validate-{version}-{dev['class']}-{dev['name'].replace(' ', '_')}.json"
+    out = req.out / f"validate-{version}-{dev['class']}-{slug(dev['name'])}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results: {out}")
     if req.record and req.only == "all":
