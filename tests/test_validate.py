@@ -77,8 +77,12 @@ def test_stock_side_loads_beside_another(tmp_path: Path) -> None:
         assert "vllm.vllm_flash_attn" not in src and f"{STOCK_PKG}.vllm_flash_attn.cute.interface" in src
     finally:
         sys.path.remove(str(tmp_path))
-    with pytest.raises(ForgeError, match="does not hash to vLLM 0.22.1's pin|sha256 differs"):
-        stock_files(load_pins().for_version("0.22.1"), wheel, None)
+    with pytest.raises(ForgeError, match="does not hash to vLLM 0.25.1's pin"):  # FA pin 2c839c33, not bce29425
+        stock_files(load_pins().for_version("0.25.1"), wheel, None)
+    bad = tmp_path / "bad.whl"
+    bad.write_text("not a zip")
+    with pytest.raises(ForgeError, match="cannot read --stock-wheel"):
+        stock_files(vp, bad, None)
 
 
 def test_forged_wheel_stamp(forged: BuildResult) -> None:
