@@ -20,9 +20,9 @@ from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, check_digest, evict, sha256_file
 from .output import check_output_dir, publish, source_date_epoch, staged_output
 from .overlay import Stack, load_stack, sha256
+from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import add_entry_point, runtime_source, runtime_stamp
-from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .series import series_for, series_hash
 from .validation import accepted, user_data_dir
 from .verify import STAMP, Report, verify_wheel

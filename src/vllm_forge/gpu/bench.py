@@ -105,7 +105,8 @@ def engine_kwargs(args: list[str]) -> dict[str, Any]:
 
 
 def parse_config(spec: str) -> Config:
-    """NAME=SIDE[:ENGINE ARGS AND VAR=VALUE ENVIRONMENT], e.g. 'forged-b32=forged:--block-size 32 VLLM_FORGE_RUNTIME=0'."""
+    """NAME=SIDE[:ENGINE ARGS AND VAR=VALUE ENVIRONMENT],
+    e.g. 'forged-b32=forged:--block-size 32 VLLM_FORGE_RUNTIME=0'."""
     name, eq, rest = spec.partition("=")
     side, _, args = rest.partition(":")
     if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or side not in SIDES:
@@ -161,9 +162,10 @@ def bench(req: BenchRequest) -> int:
     model = work / f"model-{req.layers}l-{req.vocab}"
     first = next((c for c in req.configs if c.side == "stock"), req.configs[0])
     rc = 0
-    if not (model / "model.safetensors").is_file() or (req.hf_reference and not (req.out / "bench_hf.json").is_file()):
-        if _child(req, "prepare", first, {"model": str(model)}, req.out / "bench_prepare.log"):
-            return 1
+    hf_missing = req.hf_reference and not (req.out / "bench_hf.json").is_file()
+    missing = not (model / "model.safetensors").is_file() or hf_missing
+    if missing and _child(req, "prepare", first, {"model": str(model)}, req.out / "bench_prepare.log"):
+        return 1
     for cfg in req.configs:
         print(f"== {cfg.name} ({cfg.side}: {cfg.args or 'no engine arguments'})", flush=True)
         rc |= _child(req, "run", cfg, {"model": str(model), "config": asdict(cfg)}, req.out / f"bench_{cfg.name}.log")
@@ -230,8 +232,8 @@ def prepare(spec: dict[str, Any]) -> None:
         # model copy its last input token with probability ~1, whatever attention computes
         kw["tie_word_embeddings"] = False
         kw["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
-        cfg = Gemma4TextConfig(num_hidden_layers=layers, vocab_size=vocab, vocab_size_per_layer_input=vocab,
-                               torch_dtype="bfloat16", architectures=["Gemma4ForCausalLM"], **kw)
+        kw.update(torch_dtype="bfloat16", architectures=["Gemma4ForCausalLM"])
+        cfg = Gemma4TextConfig(num_hidden_layers=layers, vocab_size=vocab, vocab_size_per_layer_input=vocab, **kw)
         with torch.device("meta"):
             meta = Gemma4ForCausalLM(cfg)
         g = torch.Generator(device="cuda").manual_seed(1234)
@@ -250,14 +252,15 @@ def prepare(spec: dict[str, Any]) -> None:
         print(f"checkpoint: {info['params'] / 1e9:.2f} B params, {info['layer_types']}", flush=True)
         del tensors
     if spec["hf_reference"]:
-        m = Gemma4ForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+        m = Gemma4ForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()  # type: ignore[call-arg]
         rows = []
         with torch.no_grad():
             n, ctx, _ = spec["request"]["decode"][0]  # the first decode workload's first prompts
             for ids in _prompts(min(n, GREEDY_N), ctx, vocab, seed=13):
                 lp = torch.log_softmax(m(torch.tensor([ids], device="cuda")).logits[0, -1].float(), -1)
                 tok = int(lp.argmax())
-                rows.append({"token": tok, "logprob": float(lp[tok]), "top2_gap": float(lp.topk(2).values.diff().abs())})
+                gap = float(lp.topk(2).values.diff().abs())
+                rows.append({"token": tok, "logprob": float(lp[tok]), "top2_gap": gap})
         (Path(spec["out"]) / "bench_hf.json").write_text(json.dumps(rows, indent=1))
 
 
@@ -282,9 +285,9 @@ def _attention_share(llm: Any, prompts: list[Any], sp: Any) -> dict[str, Any]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, sp, use_tqdm=False)
         torch.cuda.synchronize()
-    rows = []
+    rows: list[tuple[str, float, int]] = []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        t = float(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
         if t > 0:
             rows.append((e.key, t, e.count))
     rows.sort(key=lambda r: -r[1])
@@ -301,9 +304,9 @@ def _attention_share(llm: Any, prompts: list[Any], sp: Any) -> dict[str, Any]:
 def run_config(spec: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     cfg, req = spec["config"], spec["request"]
+    import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    import vllm
 
     import_s = time.perf_counter() - t_start
     vocab = spec["vocab"]
@@ -340,7 +343,8 @@ def run_config(spec: dict[str, Any]) -> None:
         best = min(timed(batch, one)[0] for _ in range(2))
         row.update(prompts=count, prefill_s=best, tok_s=count * length / best)
         res["prefill"][str(length)] = row
-        print(f"prefill {length}: {row['tok_s']:.0f} tok/s, TTFT warm {sorted(row['ttft_warm_s'])[1]:.3f} s", flush=True)
+        print(f"prefill {length}: {row['tok_s']:.0f} tok/s, TTFT warm {sorted(row['ttft_warm_s'])[1]:.3f} s",
+              flush=True)
     for k, (n, ctx, out_tokens) in enumerate(req["decode"]):
         dec = prompts(_prompts(n, ctx, vocab, seed=13 if k == 0 else 13 + 100 * k))
         greedy = SamplingParams(max_tokens=out_tokens + 1, temperature=0.0, ignore_eos=True, logprobs=1)
@@ -352,7 +356,7 @@ def run_config(spec: dict[str, Any]) -> None:
         drow: dict[str, Any] = {"decode_s": min(tns) - min(t1s), "tok_s": n * out_tokens / (min(tns) - min(t1s))}
         if k == 0:
             drow["greedy"] = [{"tokens": list(o.outputs[0].token_ids), "logprobs": [
-                lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=False)]}
                 for o in outs[:GREEDY_N]]
         res["decode"][f"{n}x{ctx}x{out_tokens}"] = drow
         print(f"decode {n}x{ctx}x{out_tokens}: {drow['tok_s']:.0f} tok/s", flush=True)
@@ -376,7 +380,8 @@ def upgrade(r: dict[str, Any]) -> dict[str, Any]:
         if "prefill_tok_s" in r:
             new["prefill"]["8192"].update(prompts=32, prefill_s=r["prefill_s"], tok_s=r["prefill_tok_s"])
     if "decode_tok_s" in r:
-        new["decode"]["64x1024x256"] = {"decode_s": r["decode_s"], "tok_s": r["decode_tok_s"], "greedy": r.get("greedy")}
+        new["decode"]["64x1024x256"] = {"decode_s": r["decode_s"], "tok_s": r["decode_tok_s"],
+                                        "greedy": r.get("greedy")}
     if r.get("profile"):
         p = r["profile"]
         new["profile"] = {**p, "prompts": [8192] * 4, "fa4_sm90_ms": p.get("fa4_sm90_ms", sum(
@@ -389,8 +394,9 @@ def load_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
     for p in paths:
         try:
             r = json.loads(p.read_text())
-            for key in ("layers", "block_size", "engine_start_s"):  # what every result has, old or new
-                r[key]  # noqa: B018 - a KeyError names the missing field
+            missing = [k for k in ("name", "layers", "block_size", "engine_start_s") if k not in r]  # old or new
+            if missing:
+                raise KeyError(missing[0])
             out[r["name"]] = upgrade(r)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ForgeError(f"cannot read bench result {p}: {type(e).__name__}: {e}",
@@ -404,8 +410,8 @@ def _median(xs: list[float]) -> float:
 
 
 def _greedy(r: dict[str, Any]) -> list[dict[str, Any]] | None:
-    first = next(iter(r["decode"].values()), {})
-    return first.get("greedy")  # type: ignore[no-any-return]
+    first: dict[str, Any] = next(iter(r["decode"].values()), {})
+    return first.get("greedy")
 
 
 def agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float]:
@@ -413,8 +419,8 @@ def agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, 
     difference on it (after the first difference the contexts differ)."""
     same = 0
     maxdiff = 0.0
-    for x, y in zip(a, b):
-        for i, (tx, ty) in enumerate(zip(x["tokens"], y["tokens"])):
+    for x, y in zip(a, b, strict=False):
+        for i, (tx, ty) in enumerate(zip(x["tokens"], y["tokens"], strict=False)):
             if tx != ty:
                 break
             same += 1
@@ -454,8 +460,8 @@ def report(rs: dict[str, dict[str, Any]], hf: list[dict[str, Any]] | None = None
             cells = [f"{r['prefill'][str(n)]['tok_s'] / s['prefill'][str(n)]['tok_s']:.3f}"
                      if "tok_s" in r["prefill"].get(str(n), {}) and "tok_s" in s["prefill"].get(str(n), {}) else "-"
                      for n in lens]
-            cells += [f"{r['decode'][d]['tok_s'] / s['decode'][d]['tok_s']:.3f}" if d in r["decode"] and d in s["decode"]
-                      else "-" for d in decs]
+            cells += [f"{r['decode'][d]['tok_s'] / s['decode'][d]['tok_s']:.3f}"
+                      if d in r["decode"] and d in s["decode"] else "-" for d in decs]
             ga, gb = _greedy(r), _greedy(s)
             same, diff = agreement(ga, gb) if ga and gb else (None, None)
             cells += [f"{same:.3f}" if same is not None else "-", f"{diff:.4f}" if diff is not None else "-"]
@@ -468,19 +474,20 @@ def report(rs: dict[str, dict[str, Any]], hf: list[dict[str, Any]] | None = None
             if g:
                 toks = [t for x in g for t in x["tokens"]]
                 lps = [x for y in g for x in y["logprobs"]]
-                agree = sum(x["tokens"][0] == h["token"] for x, h in zip(g, hf))
+                agree = sum(x["tokens"][0] == h["token"] for x, h in zip(g, hf, strict=False))
                 lines.append(f"| {name} | {len(set(toks))} | {sum(lps) / len(lps):.3f} | {agree}/{len(hf)} |")
-    prof = [(n, r) for n, r in rs.items() if r.get("profile")]
+    prof = [(name, r) for name, r in rs.items() if r.get("profile")]
     if prof:
         lines += ["", "| config | profiled prefill (prompts) | kernel time ms | attention ms | attention share | "
                   "head-512 FA4 kernel ms | its TFLOP/s |", "|---|---|---|---|---|---|---|"]
-        for n, r in prof:
+        for name, r in prof:
             p = r["profile"]
-            wide = [lay for lay in r["layers"].values() if lay.get("fa_version") == 4 and (lay.get("head_size") or 0) > 256]
+            wide = [lay for lay in r["layers"].values()
+                    if lay.get("fa_version") == 4 and (lay.get("head_size") or 0) > 256]
             # causal prompts: QK^T and PV, 2 FLOP per MAC, half the square, 32 q heads of 512
             flops = len(wide) * sum(2 * 2 * (q ** 2 / 2) * 32 * 512 for q in p["prompts"])
             fa4 = p.get("fa4_sm90_ms") or 0
-            lines.append(f"| {n} | {len(p['prompts'])} × {p['prompts'][0]} | {p['kernel_time_ms']:.1f} | "
+            lines.append(f"| {name} | {len(p['prompts'])} × {p['prompts'][0]} | {p['kernel_time_ms']:.1f} | "
                          f"{p['attention_ms']:.1f} | {p['attention_share']:.3f} | " +
                          (f"{fa4:.1f} | {flops / (fa4 / 1e3) / 1e12:.0f} |" if fa4 and flops else "- | - |"))
     return "\n".join(lines) + "\n"

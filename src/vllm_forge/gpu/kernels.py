@@ -109,7 +109,8 @@ def best_ms(fn: Callable[[], object], iters: int, reps: int = 1) -> float:
     """The best of `reps` runs of `iters` calls, timed with CUDA events: milliseconds per call."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     best = float("inf")
     for _ in range(reps):
         start.record()

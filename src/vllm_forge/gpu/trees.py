@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ForgeError
-from ..fa4 import WHEEL_CUTE, tree_sha256
+from ..fa4 import tree_sha256
 from ..fetch import Index, cache_dir, safe_member_name
 from ..pins import VllmPin, load_pins
 from ..verify import STAMP

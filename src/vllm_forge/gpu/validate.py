@@ -21,6 +21,7 @@ A/B (forged vs stock, same inputs): prefill 4x4096 and 1x16384, decode 64x8192 a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -153,10 +154,8 @@ def device_info(torch: Any) -> dict[str, Any]:
 def runtime_versions(torch: Any) -> dict[str, str]:
     got = {"python": sys.version.split()[0], "torch_cuda": str(torch.version.cuda)}
     for name in RUNTIME_DISTS:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             got[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return got
 
 
@@ -242,7 +241,7 @@ def load_sides(req: ValidateRequest, stamp: dict[str, Any], forged_files: dict[s
         raise ForgeError(f"cannot import vLLM's flash_attn_interface: {type(e).__name__}: {e}",
                          "install the forged wheel's dependencies and FA4 runtime, or add them with --path") from None
     if forged_files is None:
-        forged_origin = f"installed {Path(fi.__file__).parents[2]}"
+        forged_origin = f"installed {Path(str(fi.__file__)).parents[2]}"
     return Sides(partial(paged_varlen, fi.flash_attn_varlen_func), partial(paged_varlen, si.flash_attn_varlen_func),
                  fi, origin, forged_origin)
 
@@ -325,7 +324,8 @@ def run_checks(torch: Any, sides: Sides) -> list[dict[str, Any]]:
         for block in (16, 64):
             check(f"hd{hd} page{block} gqa8:1 non-causal", partial(plain, hd, block, 4, False))
             check(f"hd{hd} page{block} strided q (fused qkv view)", partial(strided, hd, block))
-            check(f"hd{hd} page{block} CUDA graph replayed on new contents and lengths", partial(graph_replay, hd, block))
+            check(f"hd{hd} page{block} CUDA graph replayed on new contents and lengths",
+                  partial(graph_replay, hd, block))
     for block in (16, 64):
         check(f"hd256 page{block} sliding window 256", partial(plain, 256, block, 4, True, 256))
     why = fp8_supported(sides.forged_interface)
@@ -333,7 +333,8 @@ def run_checks(torch: Any, sides: Sides) -> list[dict[str, Any]]:
         results.append({"name": "hd512 page64 fp8 KV", "ok": True, "skipped": why})
         print(f"SKIP hd512 page64 fp8 KV: {why}", file=sys.stderr)
     else:
-        check("hd512 page64 fp8 KV (e4m3, per sequence and kv head descales)", partial(plain, 512, 64, 4, True, None, True))
+        check("hd512 page64 fp8 KV (e4m3, per sequence and kv head descales)",
+              partial(plain, 512, 64, 4, True, None, True))
     return results
 
 
@@ -404,7 +405,9 @@ def summarize(row: dict[str, Any]) -> None:
 def rate(row: dict[str, Any], ms: float | None) -> str:
     if ms is None:
         return "-"
-    return f"{row['kv_bytes'] / ms / 1e9:.2f} TB/s" if "decode" in row["case"] else f"{row['flops'] / ms / 1e9:.0f} TFLOP/s"
+    if "decode" in row["case"]:
+        return f"{row['kv_bytes'] / ms / 1e9:.2f} TB/s"
+    return f"{row['flops'] / ms / 1e9:.0f} TFLOP/s"
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -431,7 +434,8 @@ def goals(checks: list[dict[str, Any]], ab: list[dict[str, Any]]) -> list[dict[s
         out.append({"goal": "head 512 page 64 prefill: forged/stock time <= 0.95 (where stock runs it)",
                     "required": True, "ok": all(x <= 0.95 for x in slow) and bool(fast),
                     "got": ", ".join(f"{x:.3f}" for x in slow) or "stock refuses head 512"})
-        dec = [(r["ratio"], f"hd{r['head']} page{r['page']} {r['case']}") for r in ab if "decode" in r["case"] and "ratio" in r]
+        dec = [(r["ratio"], f"hd{r['head']} page{r['page']} {r['case']}")
+               for r in ab if "decode" in r["case"] and "ratio" in r]
         worst = max(dec, default=(0.0, "-"))
         out.append({"goal": "decode: forged/stock time <= 1.02", "required": True, "ok": worst[0] <= 1.02,
                     "got": f"worst {worst[0]:.3f} at {worst[1]}"})
@@ -474,11 +478,13 @@ def validate(req: ValidateRequest) -> int:
         "vllm": version, "plan": stamp.get("plan"), "pin_tree_sha256": fa["pin_tree_sha256"], "series": series,
         "fa4_tree_sha256": fa["tree_sha256"], "forged": sides.forged_origin, "stock": sides.stock_origin,
         "device": dev, "runtime": runtime_versions(torch), "clock": {"source": clock.source, "note": clock.note()},
-        "only": req.only, "rounds": req.rounds, "checks": checks, "ab": ab, "wall_s": round(time.perf_counter() - t0, 1),
+        "only": req.only, "rounds": req.rounds, "checks": checks, "ab": ab,
+        "wall_s": round(time.perf_counter() - t0, 1),
     }
     result["goals"] = goals(checks, ab)
     # a record the gate trusts has every check; an A/B-only run is written, never recorded as passed
-    result["passed"] = req.only == "all" and bool(checks) and bool(ab) and all(g["ok"] for g in result["goals"] if g["required"])
+    required = [g["ok"] for g in result["goals"] if g["required"]]
+    result["passed"] = req.only == "all" and bool(checks) and bool(ab) and all(required)
     result["summary"] = "; ".join(f"{'ok' if g['ok'] else 'MISSED'} {g['goal']} ({g['got']})" for g in result["goals"])
     print(report(result))
     out = req.out / f"validate-{version}-{dev['class']}-{slug(dev['name'])}.json"
@@ -500,9 +506,10 @@ def report(result: dict[str, Any]) -> str:
     checks = result["checks"]
     if checks:
         lines.append(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} passed")
-        lines += [f"  {'SKIP' if 'skipped' in c else 'ok  ' if c['ok'] else 'FAIL'} {c['name']}: "
-                  + (c["skipped"] if "skipped" in c else f"rel L2 {c['rel_l2']:.2e}" + (f" {c['error']}" if c.get("error") else ""))
-                  for c in checks]
+        for c in checks:
+            err = f" {c['error']}" if c.get("error") else ""
+            got = c["skipped"] if "skipped" in c else f"rel L2 {c['rel_l2']:.2e}{err}"
+            lines.append(f"  {'SKIP' if 'skipped' in c else 'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {got}")
     if result["ab"]:
         lines.append(f"A/B, {result['rounds']} rounds alternating order; graph / eager; forged/stock time "
                      "(by order); SM clock")
@@ -510,6 +517,6 @@ def report(result: dict[str, Any]) -> str:
         lines += [format_row(r) for r in result["ab"]]
     lines += [f"{'ok    ' if g['ok'] else 'MISSED'} {'(required) ' if g['required'] else ''}{g['goal']}: {g['got']}"
               for g in result["goals"]]
-    lines.append("PASSED" if result["passed"] else "NOT PASSED" + ("" if result["only"] == "all" else
-                                                                   f" (--only {result['only']}: not a full validation)"))
+    partial_run = "" if result["only"] == "all" else f" (--only {result['only']}: not a full validation)"
+    lines.append("PASSED" if result["passed"] else "NOT PASSED" + partial_run)
     return "\n".join(lines)
