@@ -173,6 +173,9 @@ def test_build_gate_reads_user_records(monkeypatch: pytest.MonkeyPatch, tmp_path
     r = run_cli("build", "--vllm", "0.22.1", "--device-class", "sm89", "--out", str(tmp_path / "o"),
                 env={"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FORGE_USER_DATA_DIR": str(tmp_path / "user")})
     assert "no passed `vllm-forge validate` record for it on sm89" in one_error(r)
+    r = run_cli("build", "--vllm", "0.22.1", "--device-class", "H200", "--out", str(tmp_path / "o"))
+    assert "--device-class 'H200' -- give the compute capability as sm<major><minor>" in one_error(r)
+    assert not (tmp_path / "o").exists()
 
 
 def test_ab_order_ratios() -> None:

@@ -24,7 +24,7 @@ from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import add_entry_point, runtime_source, runtime_stamp
 from .series import series_for, series_hash
-from .validation import accepted, user_data_dir
+from .validation import accepted, check_device_class, user_data_dir
 from .verify import STAMP, Report, verify_wheel
 
 
@@ -43,6 +43,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
+    check_device_class(device_class)
     if vpin.plan == "tune":
         check_tune(pins, vpin, fa_patch_dir, fa4_mode, gemma4_fa4, allow_unvalidated, device_class)
     stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4) if vpin.plan == "backport" else [])

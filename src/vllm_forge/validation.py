@@ -40,6 +40,12 @@ def device_class(capability: tuple[int, int] | list[int]) -> str:
     return f"sm{int(major)}{int(minor)}"
 
 
+def check_device_class(name: str) -> str:
+    if not re.fullmatch(r"sm\d{2,3}", name):
+        raise ForgeError(f"--device-class {name!r}", "give the compute capability as sm<major><minor>, e.g. sm90")
+    return name
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "device"
 
