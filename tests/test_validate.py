@@ -5,6 +5,7 @@ bench tables from the e2e results of earlier GPU runs (docs/data)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -248,3 +249,12 @@ def test_shape_is_package_data() -> None:
     shape = json.loads(b.SHAPE.read_text())
     assert shape["global_head_dim"] == 512 and shape["num_global_key_value_heads"] == 4
     assert b.SHAPE.parent.name == "gpu"
+
+
+def test_gpu_commands_import_light() -> None:
+    """On a GPU image without vllm-forge's build dependencies: `bench` needs neither GitPython nor installer,
+    and neither command imports torch before it is run."""
+    code = ("import sys, vllm_forge.cli, vllm_forge.gpu.bench, vllm_forge.gpu.validate; "
+            "print(sorted(m for m in ('git', 'installer', 'torch', 'vllm') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

@@ -25,8 +25,19 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 
 
+def _gpu_import_error(e: ImportError) -> ForgeError:
+    return ForgeError(f"vllm-forge's own dependencies are incomplete here: {e}",
+                      "install vllm-forge with its dependencies (packaging, installer, GitPython; without a git "
+                      "executable set GIT_PYTHON_REFRESH=quiet)")
+
+
 def _validate(args: argparse.Namespace) -> int:
-    from .gpu.validate import ValidateRequest, validate
+    try:
+        from .gpu.validate import ValidateRequest, validate
+        from .series import series_hash  # noqa: F401 - GitPython, needed for the record's key
+        from .verify import STAMP  # noqa: F401 - installer, needed to read the wheel's stamp
+    except ImportError as e:
+        raise _gpu_import_error(e) from None
 
     return validate(ValidateRequest(args.vllm, args.wheel, args.stock_wheel, tuple(args.path), args.out,
                                     args.index_url, args.rounds, args.only, args.record))

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ForgeError
-from ..fa4 import tree_sha256
 from ..fetch import Index, cache_dir, safe_member_name
 from ..pins import VllmPin, load_pins
-from ..verify import STAMP
 
 FA_DIR = "vllm/vllm_flash_attn/"
 STOCK_PKG = "vllmstock"
@@ -68,6 +66,7 @@ def stock_files(vpin: VllmPin, stock_wheel: Path | None, index_url: str | None) 
     """The release's own vllm_flash_attn: from --stock-wheel (the wheel, or a zip holding only its
     vllm/vllm_flash_attn/), the download cache, or the index by range requests; whichever delivered it,
     its cute tree must hash to the release's pin."""
+    from ..fa4 import tree_sha256
     project = load_pins().index_project
     if stock_wheel is not None:
         if not stock_wheel.is_file():
@@ -95,6 +94,7 @@ def stock_files(vpin: VllmPin, stock_wheel: Path | None, index_url: str | None) 
 
 def wheel_stamp(wheel: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """vllm-forge's stamp and the vllm_flash_attn files of a forged wheel."""
+    from ..verify import STAMP  # here, not at the top: `bench` uses this module without GitPython/installer
     try:
         with zipfile.ZipFile(wheel) as zf:
             name = next((n for n in zf.namelist() if n.endswith(f".dist-info/{STAMP}")), None)
@@ -108,6 +108,7 @@ def wheel_stamp(wheel: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
 @cache
 def installed_stamp() -> dict[str, Any]:
     """The stamp of the vLLM importable here (after --path entries were added)."""
+    from ..verify import STAMP
     try:
         dist = metadata.distribution("vllm")
     except metadata.PackageNotFoundError:

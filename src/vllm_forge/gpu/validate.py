@@ -44,7 +44,6 @@ from .. import __version__
 from ..errors import ForgeError
 from ..output import make_output_dir
 from ..pins import load_pins
-from ..series import series_hash
 from ..validation import FORMAT, device_class, slug, write_record
 from .trees import (
     FORGED_PKG,
@@ -458,6 +457,8 @@ def validate(req: ValidateRequest) -> int:
     if req.vllm is not None and req.vllm != version:
         raise ForgeError(f"the forged vLLM {'in ' + str(req.wheel) if req.wheel else 'installed here'} is {version}, "
                          f"not {req.vllm}", "give the --vllm of the wheel, or the wheel of that release")
+    from ..series import series_hash
+
     fa = stamp["flash_attention"]
     series = series_hash([p["sha256"] for p in fa["patches"]]) if fa["patches"] else ""
     make_output_dir(req.out)
