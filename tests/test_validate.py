@@ -258,3 +258,29 @@ def test_gpu_commands_import_light() -> None:
             "print(sorted(m for m in ('git', 'installer', 'torch', 'vllm') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_validate_report_and_record_of_a_result(tmp_path: Path) -> None:
+    """A result as `validate` writes it (made-up numbers: the table's and the record's format only), with a
+    stock side that refuses a case, a skipped and a failed check: the table says so, and the record of a
+    failed run is written but not accepted by the gate."""
+    from vllm_forge.gpu.validate import format_row, report
+
+    row = {"head": 512, "page": 16, "case": "prefill 4x4096", "flops": 1e12, "kv_bytes": 1, "refused": {
+        "stock": "RuntimeError: head_dim must be less than or equal to 256"}, "samples": {
+        "forged": [{"round": 0, "position": 0, "graph_ms": 2.0, "eager_ms": 2.5}]}, "sm_clock_mhz": None}
+    summarize(row)
+    assert "refused" in format_row(row) and "500 TFLOP/s / 400 TFLOP/s" in format_row(row)
+    checks = [{"name": "hd512 page16 gqa8:1 causal", "ok": False, "rel_l2": float("inf"), "error": "ValueError: x"},
+              {"name": "hd512 page64 fp8 KV", "ok": True, "skipped": "no KV descales"}]
+    rec = {**_record("abc1234"), "checks": checks, "ab": [row], "rounds": 2, "only": "all",
+           "clock": {"source": "none", "note": "not sampled: neither pynvml nor nvidia-smi is available"}}
+    rec["goals"] = goals(checks, [row])
+    rec["passed"] = all(g["ok"] for g in rec["goals"] if g["required"])
+    text = report(rec)
+    assert "checks: 1/2 passed" in text and "FAIL hd512 page16 gqa8:1 causal: rel L2 inf ValueError: x" in text
+    assert "SKIP hd512 page64 fp8 KV: no KV descales" in text and text.endswith("NOT PASSED")
+    assert "SM clock: not sampled" in text
+    write_record(rec, tmp_path)
+    assert find_records(rec["pin_tree_sha256"], "abc1234", "sm90", tmp_path)
+    assert accepted(rec["pin_tree_sha256"], "abc1234", "sm90", tmp_path) is None

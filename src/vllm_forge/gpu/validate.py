@@ -126,8 +126,9 @@ def _nvml_index(torch: Any) -> int:
 def driver_version(torch: Any) -> str:
     nv = _nvml()
     if nv is not None:
-        v = nv.nvmlSystemGetDriverVersion()
-        return v.decode() if isinstance(v, bytes) else str(v)
+        with contextlib.suppress(Exception):
+            v = nv.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
     if shutil.which("nvidia-smi"):
         r = subprocess.run(["nvidia-smi", "-i", str(_nvml_index(torch)), "--query-gpu=driver_version",
                             "--format=csv,noheader"], capture_output=True, text=True, check=False)
@@ -169,8 +170,11 @@ class ClockSampler:
 
     def start(self) -> ClockSampler:
         nv = _nvml()
-        if nv is not None:
-            handle = nv.nvmlDeviceGetHandleByIndex(self.index)
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(self.index) if nv is not None else None
+        except Exception:  # noqa: BLE001 - an index NVML does not know: the next source
+            handle = None
+        if nv is not None and handle is not None:
             self.source = "pynvml"
 
             def poll() -> None:
