@@ -214,6 +214,9 @@ def test_bench_arguments(tmp_path: Path) -> None:
     assert "holds no vllm/ package" in one_error(run_cli("bench", "--stock-path", str(tmp_path), "--forged-path",
                                                          str(stock), "--out", str(tmp_path / "o")))
     assert "bench needs --out" in one_error(run_cli("bench"))
+    # well-formed, on this CPU machine: one line, nothing written
+    err = one_error(run_cli("bench", "--stock-path", str(stock), "--forged-path", str(stock), "--out", str(tmp_path / "o")))
+    assert "no CUDA GPU visible to torch" in err and "run it on the GPU machine" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -154,8 +154,25 @@ def check_request(req: BenchRequest) -> None:
 
 
 # ------------------------------------------------------------------ the parent: no torch, no vLLM
+def require_gpu(python: str) -> None:
+    """The configurations' interpreter sees a CUDA device (asked in a child: this process stays without torch)."""
+    probe = ("import sys, torch; print(torch.__version__, torch.version.cuda); "
+             "sys.exit(0 if torch.cuda.is_available() else 3)")
+    try:
+        r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ForgeError(f"cannot run {python}: {e}", "give --python an interpreter with a CUDA torch") from None
+    if r.returncode == 3:
+        raise ForgeError(f"no CUDA GPU visible to torch {r.stdout.split()[0]} (CUDA build: {r.stdout.split()[1]}) "
+                         f"in {python}", "run it on the GPU machine")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise ForgeError(f"{python} cannot import torch: {last}", "give --python an interpreter with a CUDA torch")
+
+
 def bench(req: BenchRequest) -> int:
     check_request(req)
+    require_gpu(req.python)
     make_output_dir(req.out)
     work = (req.work or req.out / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
