@@ -287,3 +287,17 @@ def test_validate_report_and_record_of_a_result(tmp_path: Path) -> None:
     write_record(rec, tmp_path)
     assert find_records(rec["pin_tree_sha256"], "abc1234", "sm90", tmp_path)
     assert accepted(rec["pin_tree_sha256"], "abc1234", "sm90", tmp_path) is None
+
+
+@pytest.mark.parametrize("run", sorted(p.name for p in (ROOT / "docs" / "data").glob("e2e-*")))
+def test_bench_report_of_every_saved_run(run: str) -> None:
+    """Every e2e run in docs/data renders (its manifests and reference files beside the results are skipped);
+    each result's warm TTFT median is the file's."""
+    r = run_cli("bench", "--report", str(ROOT / "docs" / "data" / run))
+    assert r.returncode == 0, r.stderr
+    for p in (ROOT / "docs" / "data" / run).glob("e2e_*.json"):
+        x = json.loads(p.read_text())
+        if "layers" in x:
+            warm = sorted([x["ttft_warm_s"], *x.get("ttft_warm_more_s", [])])
+            med = (warm[(len(warm) - 1) // 2] + warm[len(warm) // 2]) / 2
+            assert f"| {x['name']} | " in r.stdout and f"{x['ttft_first_s']:.3f} / {med:.3f}" in r.stdout

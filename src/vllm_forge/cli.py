@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -47,11 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .gpu import bench as b
 
     if args.report:
-        files = [f for p in args.report for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
-        files = [f for f in files if not f.name.endswith((".spec.json", "_hf.json", "_model.json"))]
-        hf = next((f for p in args.report for f in ([p / "bench_hf.json", p / "e2e_hf.json"] if p.is_dir() else [])
-                   if f.is_file()), None)
-        print(b.report(b.load_results(files), json.loads(hf.read_text()) if hf else None), end="")
+        print(b.report_paths(args.report), end="")
         return 0
     if args.out is None:
         raise ForgeError("bench needs --out", "give a directory for the results (or --report FILES)")

@@ -421,6 +421,25 @@ def load_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def report_paths(paths: list[Path]) -> str:
+    """The tables of saved results: files as given; of a directory, every JSON file that is a result
+    (the checkpoint's, transformers' reference, specs and manifests beside them are skipped)."""
+    files: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            files.append(p)
+            continue
+        for f in sorted(p.glob("*.json")):
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(r, dict) and "name" in r and "layers" in r:
+                files.append(f)
+    hf = next((_hf(p) for p in paths if p.is_dir() and _hf(p)), None)
+    return report(load_results(files), hf)
+
+
 def _median(xs: list[float]) -> float:
     s = sorted(xs)
     return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
