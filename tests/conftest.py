@@ -19,6 +19,12 @@ from vllm_forge.pins import Pins, load_pins
 index = cache(lambda: Index())
 
 
+@pytest.fixture(autouse=True)
+def _own_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads or writes the validation records of the machine's user (build's gate reads them)."""
+    monkeypatch.setenv("VLLM_FORGE_USER_DATA_DIR", str(tmp_path_factory.mktemp("user-data")))
+
+
 @pytest.fixture(scope="session")
 def pins() -> Pins:
     return load_pins()

@@ -109,7 +109,8 @@ def test_unvalidated_series_refused(tmp_path: Path) -> None:
     r = run_cli("build", "--vllm", "0.22.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2, r.stderr
     assert ("vllm-forge: error: the flash-attention series bce2942 for vLLM 0.22.1's FA pin bce2942 is not "
-            "GPU-validated: it has no GPU validation record -- validate it") in r.stderr
+            "GPU-validated: it has no GPU validation record; no passed `vllm-forge validate` record for it on "
+            "sm90 in ") in r.stderr and "-- run `vllm-forge validate`" in r.stderr
     assert not (tmp_path / "out").exists()
     # a validation of another revision of the series does not count either
     manifest["series"][tree]["validation"] = {"passed": True, "series": "0000000"}
@@ -191,14 +192,14 @@ def test_refresh_fa_series_refuses_existing_and_unknown(data_copy: Path) -> None
 
 def test_kernel_records_are_what_the_gpu_logs_say(tmp_path: Path) -> None:
     """Each series' `validation.kernel` (the head-512 timing and the releases issue's goals) is exactly
-    what scripts/gpu_hd512.py's `record` makes of the committed GPU output: no number in the manifest
+    what scripts/series_records.py's `kernel` makes of the committed GPU output: no number in the manifest
     that the logs do not carry."""
     import importlib.util
 
     from vllm_forge.series import read_manifest, series_root
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("gpu_hd512", root / "scripts" / "gpu_hd512.py")
+    spec = importlib.util.spec_from_file_location("series_records", root / "scripts" / "series_records.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

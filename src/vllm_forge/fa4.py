@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import os
 import shutil
 import subprocess
@@ -228,7 +229,7 @@ def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) 
             members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
             if members:
                 ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
-                nxt = {a.header_offset: b.header_offset for a, b in zip(ends, ends[1:], strict=False)}
+                nxt = {a.header_offset: b.header_offset for a, b in itertools.pairwise(ends)}
                 start = min(i.header_offset for i in members)
                 end = max(nxt.get(i.header_offset, remote.size) for i in members)
                 remote.prefetch(start, end)
