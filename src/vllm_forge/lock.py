@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from packaging.utils import canonicalize_name
 
@@ -30,7 +31,7 @@ RESOURCE_SIGNS = (("Too many open files", OS_HINTS[errno.EMFILE]), ("MemoryError
                   ("Cannot allocate memory", OS_HINTS[errno.ENOMEM]), ("No space left on device", OS_HINTS[errno.ENOSPC]))
 
 
-def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict]:
+def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """pip's installation report for `wheel` (all of it, nothing installed), under `constraints`."""
     with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
         report = Path(tmp) / "report.json"
@@ -52,7 +53,7 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
                         "check the network/index (--index-url) and that pip >= 22.2 runs this")
             raise ForgeError(f"pip could not resolve {wheel.name}: {tail}", hint)
         try:
-            items: list[dict] = json.loads(report.read_text())["install"]
+            items: list[dict[str, Any]] = json.loads(report.read_text())["install"]
             for item in items:
                 item["metadata"]["name"], item["metadata"]["version"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -64,7 +65,7 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
-def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
+def lock_lines(wheel: Path, items: list[dict[str, Any]], wheel_ref: str) -> list[str]:
     own = canonicalize_name(wheel.name.split("-")[0])
     lines, seen_own = [], False
     for item in sorted(items, key=lambda i: canonicalize_name(i["metadata"]["name"])):
