@@ -315,7 +315,8 @@ def check_git_url(url: str) -> str:
     `ext::` (runs a command), an option (`-...`) or a control character."""
     if url.startswith("-") or not _GIT_URL.match(url) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise ForgeError(f"--fa-src {url[:80]!r} is neither a directory nor a plain git URL",
-                         "give a flash-attention checkout, or an https://, ssh://, git://, file:// or user@host:path URL")
+                         "give a flash-attention checkout, or an https://, ssh://, git://, file:// or "
+                         "user@host:path URL")
     return url
 
 
@@ -354,7 +355,8 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
     cached = cache_dir() / "fa4" / pin.commit
     for name, fetch in _mirrors(fa_src, pin, index, project):
         if name == "cache" and cached.is_symlink() and not cached.is_dir():  # a loop, a dangling link
-            evict(cached, "is a broken link", "fetching from the next mirror", f"flash-attention tree {pin.commit[:12]}")
+            evict(cached, "is a broken link", "fetching from the next mirror",
+                  f"flash-attention tree {pin.commit[:12]}")
         if name == "cache" and not cached.exists():
             failures.append("cache: empty")
             continue

@@ -28,7 +28,8 @@ from .pins import load_pins
 
 # pip's own failures for want of resources: its hint must not send the user to the network
 RESOURCE_SIGNS = (("Too many open files", OS_HINTS[errno.EMFILE]), ("MemoryError", OS_HINTS[errno.ENOMEM]),
-                  ("Cannot allocate memory", OS_HINTS[errno.ENOMEM]), ("No space left on device", OS_HINTS[errno.ENOSPC]))
+                  ("Cannot allocate memory", OS_HINTS[errno.ENOMEM]),
+                  ("No space left on device", OS_HINTS[errno.ENOSPC]))
 
 
 def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict[str, Any]]:

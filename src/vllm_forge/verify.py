@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from installer.sources import WheelFile
 from packaging.requirements import InvalidRequirement, Requirement
@@ -69,7 +70,7 @@ def _shape_error(value: object, shape: object, where: str) -> str | None:
     return None if isinstance(value, shape) else f"{where} is {type(value).__name__}, not {shape.__name__}"
 
 
-def read_stamp(zf: WheelZip, di: str, path: Path) -> dict:
+def read_stamp(zf: WheelZip, di: str, path: Path) -> dict[str, Any]:
     """The wheel's vllm_forge.json, checked to have the shape verify reads."""
     try:
         text = zf.text(f"{di}/{STAMP}")
@@ -197,7 +198,8 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         # runtime layer
         if rt:
             if rt != runtime_stamp(runtime_source()):
-                raise _fail(path, f"runtime layer {str(rt.get('sha256'))[:12]} is not this vllm-forge's {RUNTIME_MODULE}")
+                raise _fail(path, f"runtime layer {str(rt.get('sha256'))[:12]} is not this vllm-forge's "
+                                  f"{RUNTIME_MODULE}")
             if RUNTIME_MODULE not in members or hashlib.sha256(zf.read(RUNTIME_MODULE)).hexdigest() != rt["sha256"]:
                 raise _fail(path, f"{RUNTIME_MODULE} is missing or differs from the stamp")
             eps = f"{di}/entry_points.txt"
