@@ -618,12 +618,18 @@ def test_verify_malformed_wheel(tmp_path: Path, forged: BuildResult, edit: str) 
 
 @pytest.mark.parametrize("edit", ["no METADATA", "non-UTF-8 METADATA", "RECORD row of 2 fields"])
 def test_build_malformed_base_wheel(tmp_path: Path, base_wheel: Path, fa_upstream: Path, edit: str) -> None:
-    """--base-wheel made of the real 0.19.1 wheel's dist-info and overlay files, damaged."""
+    """--base-wheel made of the real 0.19.1 wheel's dist-info, FA members and the files the default build
+    overlays, damaged."""
     def keep_record(m: dict[str, bytes]) -> None:
         WHEEL_EDITS[edit](m)
 
+    from vllm_forge.overlay import gemma4_fa4_for, load_stack
+    from vllm_forge.pins import layers_for, load_pins
+
+    vp = load_pins().for_version("0.19.1")
+    overlaid = load_stack(layers_for(vp.overlay, "bundled", gemma4_fa4_for(vp.version, None))).paths
     bad = derived_wheel(base_wheel, tmp_path / "in" / base_wheel.name, keep_record,
-                        prefixes=(".dist-info/", "vllm/v1/attention/backends/", "vllm/vllm_flash_attn/"))
+                        prefixes=(".dist-info/", "vllm/vllm_flash_attn/", *overlaid))
     out = tmp_path / "out"
     err = one_error(run_cli("build", "--out", str(out), "--base-wheel", str(bad), "--fa-src", str(fa_upstream)))
     assert bad.name in err or "RECORD" in err, err
