@@ -718,6 +718,29 @@ def test_low_open_file_limit(tmp_path: Path, fa_upstream: Path) -> None:
     assert listing(tmp_path) == []
 
 
+EMFILE_AT_CONNECT = """
+import os, resource, sys
+from vllm_forge.errors import ForgeError
+from vllm_forge.fetch import Index
+index = Index(sys.argv[1])
+n = len(os.listdir("/proc/self/fd"))  # every descriptor now in use (the listing's own is closed again)
+resource.setrlimit(resource.RLIMIT_NOFILE, (n - 1, n - 1))
+try:
+    index.files("vllm")
+except ForgeError as e:
+    print(e)
+"""
+
+
+def test_descriptor_limit_is_not_the_network(base_wheel: Path) -> None:
+    """No descriptor left for the index's socket: the hint names ulimit -n, not the network."""
+    with loopback_index(Served({base_wheel.name: base_wheel})) as url:
+        r = subprocess.run([sys.executable, "-c", EMFILE_AT_CONNECT, url], capture_output=True, text=True,
+                           check=False)
+    assert "Too many open files" in r.stdout and "ulimit -n" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "network" not in r.stdout
+
+
 def test_low_memory_limit(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
     """ulimit -v from tight to enough: every run that got to work either succeeds or ends in one line
     naming the memory limit (MemoryError, or a thread without memory for its stack); some do."""
