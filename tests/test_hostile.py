@@ -789,17 +789,20 @@ def test_index_malformed_content_range(tmp_path: Path, pins: Pins, content_range
     assert len(tree) == pins.fa.cute_file_count and "range requests" not in mirror
 
 
-@pytest.mark.parametrize("where", ["member", "tree"])
+@pytest.mark.parametrize("where", ["member", "tree", "fifo"])
 def test_symlink_loop_in_cached_fa4_tree(tmp_path: Path, pins: Pins, fa_upstream: Path, wheel_mirror_index: str,
                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                         where: str) -> None:
-    """A symlink loop in the cached FA4 tree (a member, or the tree's directory itself): evicted and
-    fetched again, the cache repaired."""
+    """A symlink loop in the cached FA4 tree (a member, or the tree's directory itself), or a FIFO in it:
+    evicted and fetched again, the cache repaired."""
     cache = tmp_path / "cache"
     tree = cache / "fa4" / pins.fa.commit
     if where == "member":
         shutil.copytree(fa_upstream, tree)
         (tree / CUTE / "loop.py").symlink_to(tree / CUTE / "loop.py")
+    elif where == "fifo":  # a FIFO among the files: reading it would block forever
+        shutil.copytree(fa_upstream, tree)
+        os.mkfifo(tree / CUTE / "loop.py")
     else:
         tree.parent.mkdir(parents=True)
         tree.symlink_to(tree)
@@ -810,7 +813,7 @@ def test_symlink_loop_in_cached_fa4_tree(tmp_path: Path, pins: Pins, fa_upstream
                           patch_dir=tmp_path)
     assert f"vllm-forge: cached flash-attention tree {pins.fa.commit[:12]}" in capsys.readouterr().err
     assert got.mirror.startswith("wheel ") and got.pin_tree_sha256 == pins.fa.cute_tree_sha256
-    assert tree.is_dir() and not tree.is_symlink() and not (tree / CUTE / "loop.py").is_symlink()
+    assert tree.is_dir() and not tree.is_symlink() and not os.path.lexists(tree / CUTE / "loop.py")
 
 
 def test_result_path_on_a_non_utf8_stdout(tmp_path: Path) -> None:

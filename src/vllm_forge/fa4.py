@@ -128,6 +128,8 @@ def read_tree(root: Path, origin: str) -> Tree:
         for p in sorted(root.rglob("*.py")):
             if not p.resolve(strict=True).is_relative_to(real_root):
                 raise ForgeError(f"{p} in {origin} links outside {root}", "refusing to read it")
+            if not p.is_file():  # a FIFO would block the read forever; a directory named *.py
+                raise ForgeError(f"{p} in {origin} is not a regular file", "replace it with the file")
             rel = p.relative_to(root).as_posix()
             tree[str(safe_member_name(rel, origin))] = p.read_bytes()
     except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13), a dangling link
