@@ -175,6 +175,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     vpin = opts.vpin
     target = fa_target(pins, vpin)
     patch_dir = resolve_series(path, opts, target, fa_patch_dir)
+    _name_checks(filename, opts, target, tags, report)
 
     rebuilt = False
     if deep and use_base:
@@ -198,22 +199,27 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     return report
 
 
-def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins: Pins, opts: Options,
-                   target: FaTarget, patch_dir: Path | None, tags: frozenset, fa_tree: str | None,
-                   rebuilt: bool, report: Report) -> None:
-    vpin, mode, rt = opts.vpin, opts.fa4_mode, opts.runtime
+def _name_checks(filename: str, opts: Options, target: FaTarget, tags: frozenset, report: Report) -> None:
+    """The version label the options give, and the tags of the pinned base wheel (never the name a
+    base file had): before anything else, so that a misnamed wheel is named as such."""
+    vpin = opts.vpin
     series = series_hash([s for _, s in opts.patches]) if opts.patches else ""
-    expect = f"{vpin.version}+{version_label(target.short, mode, opts.gemma4, series, rt)}"
+    expect = f"{vpin.version}+{version_label(target.short, opts.fa4_mode, opts.gemma4, series, opts.runtime)}"
     if report.version != expect:
         raise _fail(filename, f"version {report.version} does not match the pins and the stamp's options ({expect})")
     report.ok(f"version {report.version} matches pins (vLLM {vpin.version}, {vpin.plan}, "
               f"flash-attention {target.short})")
-
-    # tags: the pinned base wheel's, in the file name and in WHEEL (never the file name a base had)
     base_tags = parse_wheel_filename(vpin.wheel)[3]
     if tags != base_tags:
         raise _fail(filename, f"file name tags {', '.join(sorted(map(str, tags)))} are not the base wheel's "
                               f"({', '.join(sorted(map(str, base_tags)))}, {vpin.wheel})")
+
+
+def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins: Pins, opts: Options,
+                   target: FaTarget, patch_dir: Path | None, tags: frozenset, fa_tree: str | None,
+                   rebuilt: bool, report: Report) -> None:
+    vpin, mode, rt = opts.vpin, opts.fa4_mode, opts.runtime
+    base_tags = parse_wheel_filename(vpin.wheel)[3]
     declared = wheel_tags(zf, di)
     if tag_family(declared) != tag_family(base_tags):  # (a rebuild compares WHEEL exactly)
         raise _fail(filename, f"{di}/WHEEL tags {', '.join(sorted(map(str, declared)))} are not the base wheel's "
