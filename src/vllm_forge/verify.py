@@ -129,8 +129,8 @@ def resolve_series(path: Path, opts: Options, target: FaTarget, fa_patch_dir: Pa
         return None
     default = series_for(target.cute_tree_sha256)
     if default is None or _series_files(default.dir) != opts.patches:
-        raise _fail(path, f"FA4 patches {[n for n, _ in opts.patches]} are not the series vllm-forge has for "
-                          f"flash-attention {target.short}; pass --fa-patches DIR with the series it was built with")
+        raise _fail(path, f"FA4 patches {[n for n, _ in opts.patches]} differ from the series vllm-forge has for "
+                          f"flash-attention {target.short} (verify --fa-patches DIR: the series it was built with)")
     return default.dir
 
 
