@@ -126,7 +126,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                         list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
             series = series_hash([p.sha256 for p in fa.patches]) if fa.patches else ""
             forged = assemble(
-                base, tmp_wheel, base_name=vpin.wheel, label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
+                base, tmp_wheel, base_name=vpin.wheel,
+                label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
                 drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid,
                 add={**adds, **bundled, **({RUNTIME_MODULE: rt_source} if rt_source is not None else {})},
                 requires=requires,
