@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 from conftest import real_wheel, run_cli
+from loopback import Served, loopback_index
 from test_hostile import PATCH, listing, one_error
 
 from vllm_forge.build import build
 from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources, tree_sha256, zip_tree
-from vllm_forge.fetch import Index
+from vllm_forge.fetch import Index, cached_download
 from vllm_forge.pins import load_pins
 from vllm_forge.series import read_manifest, series_for
 from vllm_forge.verify import STAMP, verify_wheel
@@ -227,16 +228,19 @@ def test_series_patch_outside_cute_refused(tmp_path: Path, fa_upstream: Path, ta
     assert listing(tmp_path / "out") == [] and not (cache / "fa4").exists()
 
 
-@pytest.mark.parametrize("broken", ["file", "empty-dir", "foreign-dir"])
+@pytest.mark.parametrize("broken", ["file", "empty-dir", "foreign-dir", "git-dir-a-file"])
 def test_broken_git_mirror_evicted_never_init_in_cwd(tmp_path: Path, broken: str) -> None:
     url = "http://127.0.0.1:9/fa.git"
     cache = tmp_path / "cache"
     mirror = cache / "git" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
-    mirror.parent.mkdir(parents=True)
-    if broken == "file":
+    mirror.parent.parent.mkdir(parents=True)
+    if broken == "git-dir-a-file":
+        mirror.parent.write_text("not a directory\n")
+    elif broken == "file":
+        mirror.parent.mkdir()
         mirror.write_text("not a repository\n")
     else:
-        mirror.mkdir()
+        mirror.mkdir(parents=True)
         if broken == "foreign-dir":
             (mirror / "HEAD").write_text("ref: refs/heads/main\n")
     cwd = tmp_path / "cwd"
@@ -248,4 +252,25 @@ def test_broken_git_mirror_evicted_never_init_in_cwd(tmp_path: Path, broken: str
         assert "cannot reach git mirror" in one_error(r)
         assert listing(cwd) == [] and listing(tmp_path / "out") == []
         assert (mirror / "HEAD").is_file() and (mirror / "objects").is_dir()
-        assert ("evicted, cloning it again" in r.stderr) == (run == 0), r.stderr
+        assert ("; evicted, " in r.stderr) == (run == 0), r.stderr
+
+
+@pytest.mark.parametrize("broken", ["entry-a-dir", "dl-a-file"])
+def test_broken_download_cache_slot_repaired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str], broken: str) -> None:
+    """Not only a corrupt file: whatever stands where a cached download belongs is evicted."""
+    good = tmp_path / "srv" / "thing-1.0.tar.gz"
+    good.parent.mkdir()
+    good.write_bytes(os.urandom(100_000))
+    sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if broken == "dl-a-file":
+        (cache / "dl").write_text("not a directory\n")
+    else:
+        (cache / "dl" / good.name / "sub").mkdir(parents=True)
+    monkeypatch.setenv("VLLM_FORGE_CACHE", str(cache))
+    with loopback_index(Served({good.name: good})) as url:
+        got = cached_download(lambda: Index(url), "vllm", good.name, sha)
+    assert got.read_bytes() == good.read_bytes()
+    assert "evicted" in capsys.readouterr().err

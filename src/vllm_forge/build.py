@@ -17,7 +17,7 @@ from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
-from .fetch import Index, cache_dir, check_digest, evict, sha256_file
+from .fetch import Index, cache_dir, check_digest, clear_cache_slot, evict, sha256_file
 from .output import check_output_dir, publish, source_date_epoch, staged_output
 from .overlay import Stack, load_stack, sha256
 from .runtime import MODULE as RUNTIME_MODULE
@@ -59,6 +59,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     else:
         base = cache_dir() / "dl" / vpin.wheel
         base_origin = f"cache {base}"
+        clear_cache_slot(base)
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"

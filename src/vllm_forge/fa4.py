@@ -27,6 +27,7 @@ from .fetch import (
     RangesUnsupported,
     cache_dir,
     cached_download,
+    clear_cache_slot,
     evict,
     safe_member_name,
     sha256_file,
@@ -142,6 +143,7 @@ def from_local(path: Path) -> Tree:
 def _git_mirror(url: str) -> git.Repo:
     """A bare, blobless (partial-clone) repository in the cache for one mirror URL."""
     repo_dir = cache_dir() / "git" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
+    clear_cache_slot(repo_dir.parent, is_dir=True)  # cache/git itself a file
     if repo_dir.exists() or repo_dir.is_symlink():
         why = _broken_mirror(repo_dir, url)
         if not why:
@@ -399,6 +401,7 @@ def _store_in_cache(tree: Tree, commit: str) -> None:
     dest = cache_dir() / "fa4" / commit
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
+        clear_cache_slot(dest, is_dir=True)
         shutil.rmtree(tmp, ignore_errors=True)
         write_tree(tree, tmp / CUTE)
         shutil.rmtree(dest, ignore_errors=True)
