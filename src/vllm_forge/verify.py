@@ -31,6 +31,7 @@ import json
 import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -417,7 +418,11 @@ def compare_wheels(path: Path, filename: str, rebuilt: Path, report: Report) -> 
             if _mode(ia) != _mode(ib):
                 raise _fail(filename, f"{ib.filename} has file mode {oct(_mode(ia))}, vllm-forge's build "
                                       f"{oct(_mode(ib))}")
-            if not _same_content(za, fa, ia, zb, fb, ib):
+            try:
+                same = _same_content(za, fa, ia, zb, fb, ib)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:  # bad CRC, bad data
+                raise _fail(filename, f"{ib.filename} is unreadable ({e})") from None
+            if not same:
                 raise _fail(filename, f"{ib.filename} differs from what vllm-forge builds from the pinned inputs")
     report.ok(f"every one of {len(ours)} members identical to a rebuild from the pinned inputs "
               "(the zip layout differs: timestamps or compression, not content)")
