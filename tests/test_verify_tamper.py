@@ -147,6 +147,7 @@ def test_verify_without_the_base_says_self_consistency_only(forged_wheel: Path, 
     fa4 = forge_fa4_change(forged_wheel, _same_name(forged_wheel, tmp_path / "a"))
     err = one_error(run_cli("verify", "--no-base", str(fa4)))
     assert f"FA4 tree {WHEEL_CUTE}/" in err and "manifest.json" in err
+    assert f"{WHEEL_CUTE}/interface.py differs from the pinned tree with the series applied" in err
     payload = TAMPERINGS["base-member-payload"][0](forged_wheel, _same_name(forged_wheel, tmp_path / "d"))
     r = run_cli("verify", "--no-base", str(payload))
     assert r.returncode == 0 and "verified (self-consistency only, --no-base)" in r.stdout

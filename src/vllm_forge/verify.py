@@ -260,8 +260,9 @@ def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins
     else:
         want, source = _expected_tree(pins, opts, target, patch_dir, fa_tree, rebuilt)
         if want is not None and got_tree != want:
+            which = _first_fa4_difference(pins, target, patch_dir, cute)
             raise _fail(filename, f"FA4 tree {WHEEL_CUTE}/ (hash {got_tree[:12]}) is not {source} ({want[:12]}): "
-                                  "a file under it was changed, added or removed")
+                                  + (which or "a file under it was changed, added or removed"))
         report.ok(f"FA4 tree: {len(cute)} files, pin {target.short}"
                   + (f" + {len(opts.patches)} patches" if opts.patches else "") + f", hash {got_tree[:12]} = {source}")
 
@@ -315,14 +316,41 @@ def _expected_tree(pins: Pins, opts: Options, target: FaTarget, patch_dir: Path 
         return fa_tree, "the series applied by this build"
     if rebuilt:
         return None, "the rebuild's"
+    return tree_sha256(_derived_tree(pins, target, patch_dir)), f"the pinned tree with {patch_dir} applied"
+
+
+def _derived_tree(pins: Pins, target: FaTarget, patch_dir: Path | None) -> dict[str, bytes]:
+    """The FA4 files the pinned inputs give (the pin's tree from its mirrors, tree-hash checked,
+    with the series applied), as the wheel carries them."""
     from functools import cache
 
     from .fa4 import get_fa4_sources
     from .fetch import Index
 
-    with tempfile.TemporaryDirectory(prefix="vllm-forge-verify-") as work:
-        fa = get_fa4_sources(target, Path(work), cache(lambda: Index()), pins.index_project, patch_dir=patch_dir)
-    return fa.tree_sha256, f"the pinned tree with {patch_dir} applied"
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-verify-") as work, \
+            contextlib.redirect_stderr(io.StringIO()):
+        if patch_dir is None:  # no patches: an empty series, not the pin's default one
+            patch_dir = Path(work) / "no-series"
+            patch_dir.mkdir()
+        return get_fa4_sources(target, Path(work), cache(lambda: Index()), pins.index_project,
+                               patch_dir=patch_dir).files
+
+
+def _first_fa4_difference(pins: Pins, target: FaTarget, patch_dir: Path | None, cute: dict[str, bytes]) -> str:
+    """Which FA4 member differs from the derived tree ("" when the tree cannot be derived here)."""
+    try:
+        want = _derived_tree(pins, target, patch_dir)
+    except (ForgeError, OSError):
+        return ""
+    for rel in sorted(set(want) | set(cute)):
+        member = f"{WHEEL_CUTE}/{rel}"
+        if rel not in cute:
+            return f"{member} is missing"
+        if rel not in want:
+            return f"{member} is not in the pinned tree"
+        if cute[rel] != want[rel]:
+            return f"{member} differs from the pinned tree with the series applied"
+    return ""
 
 
 def _rebuild_and_compare(path: Path, filename: str, opts: Options, base: Path, patch_dir: Path | None,
