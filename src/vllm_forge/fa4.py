@@ -8,6 +8,7 @@ that ships the same pin (read with HTTP range requests: only the cute members).
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import http.client
 import os
@@ -174,7 +175,7 @@ def _broken_mirror(repo_dir: Path, url: str) -> str:
         repo = git.Repo(str(repo_dir))
         if not repo.bare or repo.config_reader().get_value('remote "origin"', "url", "") != url:
             return "is not the bare mirror of that URL"
-    except Exception as e:  # GitPython raises many types for a damaged repository
+    except (git.GitError, OSError, ValueError, configparser.Error) as e:  # a damaged repository
         return f"is unreadable ({type(e).__name__})"
     return ""
 

@@ -21,7 +21,16 @@ from functools import cache
 from pathlib import Path
 
 from .errors import ForgeError
-from .fa4 import CUTE, FaTarget, Tree, cmake_install_fa4, fa_target, get_fa4_sources, tree_sha256, write_tree
+from .fa4 import (
+    CUTE,
+    FaTarget,
+    Tree,
+    cmake_install_fa4,
+    fa_target,
+    get_fa4_sources,
+    tree_sha256,
+    write_tree,
+)
 from .fetch import Index
 from .patching import apply_patch, apply_series, check_paths, read_series
 from .pins import load_pins

@@ -34,19 +34,36 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from installer.records import parse_record_file
 from installer.sources import WheelFile
 from packaging.requirements import Requirement
+from packaging.tags import Tag
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from .assemble import dist_info_dir, metadata_version, open_wheel, record_entry, tag_family, wheel_tags
+from .assemble import (
+    dist_info_dir,
+    metadata_version,
+    open_wheel,
+    record_entry,
+    tag_family,
+    wheel_tags,
+)
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, tree_sha256, zip_tree
 from .fetch import cache_dir, sha256_file
 from .overlay import load_stack
 from .patching import read_series
-from .pins import FA4_MODES, GEMMA4_LAYER, Pins, VllmPin, layers_for, load_pins, version_label
+from .pins import (
+    FA4_MODES,
+    GEMMA4_LAYER,
+    Pins,
+    VllmPin,
+    layers_for,
+    load_pins,
+    version_label,
+)
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import has_entry_point, runtime_source
 from .series import series_for, series_hash
@@ -83,7 +100,7 @@ def _fail(path: Path | str, what: str) -> ForgeError:
     return ForgeError(f"verify {Path(path).name}: {what}", "do not ship this wheel; rebuild it with vllm-forge build")
 
 
-def read_options(zf: zipfile.ZipFile, di: str, pins: Pins, path: Path) -> Options:
+def read_options(zf: zipfile.ZipFile, di: str, pins: Pins, path: str) -> Options:
     try:
         stamp = json.loads(zf.read(f"{di}/{STAMP}"))
     except KeyError:
@@ -117,7 +134,7 @@ def _series_files(d: Path) -> tuple[tuple[str, str], ...]:
     return tuple((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in read_series(d))
 
 
-def resolve_series(path: Path, opts: Options, target: FaTarget, fa_patch_dir: Path | None) -> Path | None:
+def resolve_series(path: str, opts: Options, target: FaTarget, fa_patch_dir: Path | None) -> Path | None:
     """The patch directory the stamp's series is in here: --fa-patches, else the pin's series;
     None for "no patches". Refuses a series that is not here."""
     if fa_patch_dir is not None:
@@ -172,10 +189,10 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         report = Report(filename, str(version))
         if metadata_version(zf, di) != str(version) or di != f"{str(wname).replace('-', '_')}-{version}.dist-info":
             raise _fail(filename, f"file name, dist-info {di} and METADATA disagree on the version")
-        opts = read_options(zf, di, pins, path)
+        opts = read_options(zf, di, pins, filename)
     vpin = opts.vpin
     target = fa_target(pins, vpin)
-    patch_dir = resolve_series(path, opts, target, fa_patch_dir)
+    patch_dir = resolve_series(filename, opts, target, fa_patch_dir)
     _name_checks(filename, opts, target, tags, report)
 
     rebuilt = False
@@ -200,7 +217,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     return report
 
 
-def _name_checks(filename: str, opts: Options, target: FaTarget, tags: frozenset, report: Report) -> None:
+def _name_checks(filename: str, opts: Options, target: FaTarget, tags: frozenset[Tag], report: Report) -> None:
     """The version label the options give, and the tags of the pinned base wheel (never the name a
     base file had): before anything else, so that a misnamed wheel is named as such."""
     vpin = opts.vpin
@@ -217,7 +234,7 @@ def _name_checks(filename: str, opts: Options, target: FaTarget, tags: frozenset
 
 
 def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins: Pins, opts: Options,
-                   target: FaTarget, patch_dir: Path | None, tags: frozenset, fa_tree: str | None,
+                   target: FaTarget, patch_dir: Path | None, tags: frozenset[Tag], fa_tree: str | None,
                    rebuilt: bool, report: Report) -> None:
     vpin, mode, rt = opts.vpin, opts.fa4_mode, opts.runtime
     base_tags = parse_wheel_filename(vpin.wheel)[3]
@@ -393,8 +410,7 @@ def _raw_data(f: io.BufferedReader, info: zipfile.ZipInfo) -> tuple[int, int]:
     return info.header_offset + 30 + n + e, info.compress_size
 
 
-def _same_stream(a: io.BufferedReader | zipfile.ZipExtFile, b: io.BufferedReader | zipfile.ZipExtFile,
-                 left: int | None = None) -> bool:
+def _same_stream(a: IO[bytes], b: IO[bytes], left: int | None = None) -> bool:
     while True:
         n = 1 << 20 if left is None else min(1 << 20, left)
         x, y = a.read(n), b.read(n)
