@@ -22,10 +22,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from conftest import real_wheel, run_cli
 from loopback import Served, loopback_index
 from test_hostile import PATCH, listing, one_error
-
 from vllm_forge.build import build
 from vllm_forge.errors import ForgeError
 from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources, tree_sha256, zip_tree

@@ -124,10 +124,16 @@ def read_options(zf: zipfile.ZipFile, di: str, pins: Pins, path: str) -> Options
     plan = stamp.get("plan", "backport")
     if plan != vpin.plan:
         raise _fail(path, f"built with plan {plan}, pins.json says {vpin.plan} for vLLM {vpin.version}")
-    want = layers_for(vpin.overlay, opts.fa4_mode, opts.gemma4) if vpin.plan == "backport" else []
+    want = _layers(opts)
     if layers != want:
         raise _fail(path, f"stamp's overlay layers {layers} are not those of its options ({want})")
     return opts
+
+
+def _layers(opts: Options) -> list[str]:
+    """The overlay stack the options give (as build makes it): pinned data, not the stamp's list."""
+    vpin = opts.vpin
+    return layers_for(vpin.overlay if vpin.plan == "backport" else "", opts.fa4_mode, opts.gemma4)
 
 
 def _series_files(d: Path) -> tuple[tuple[str, str], ...]:
@@ -182,7 +188,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     filename = name or path.name
     try:
         wname, version, _, tags = parse_wheel_filename(filename)
-    except Exception as e:  # packaging raises several types
+    except Exception as e:  # noqa: BLE001 - packaging raises several types
         raise _fail(filename, f"not a wheel file name ({e})") from None
     with open_wheel(path, "wheel", "build it again") as zf:
         di = dist_info_dir(zf, path.name)
@@ -210,7 +216,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         try:
             with WheelFile.open(path) as source:
                 source.validate_record(validate_contents=True)
-        except Exception as e:  # installer raises its own types
+        except Exception as e:  # noqa: BLE001 - installer raises its own types
             raise _fail(filename, f"installer rejects the wheel: {e}") from None
         report.ok(f"installer validates every RECORD entry ({report.level}: the members copied from the "
                   "base are checked against the wheel's own RECORD alone)")
@@ -254,7 +260,7 @@ def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins
     extra = sorted(set(rows) - set(members))
     if missing or extra:
         raise _fail(filename, f"RECORD does not list {missing[:3]} / lists absent {extra[:3]}")
-    stack = load_stack(layers_for(vpin.overlay, mode, opts.gemma4) if vpin.plan == "backport" else [])
+    stack = load_stack(_layers(opts))
     adds = stack.adds()
     overlaid = set(stack.paths) | set(adds) | ({RUNTIME_MODULE} if rt else set())
     written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in overlaid]
