@@ -2,7 +2,7 @@
 
 Commands (each one sub-parser, its arguments and one handler, in COMMANDS below):
   build            forge a vLLM wheel (--mode source: a source tree for vLLM's own CUDA build)
-  verify           static checks of a forged wheel
+  verify           check a forged wheel is what vllm-forge builds from the pinned inputs (a rebuild)
   build-fa4-wheel  a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)
   docker           render docker/Dockerfile.in (and build it where an engine works)
   fa4-cache        compile a model's FA4 kernels ahead of time (GPU machine)
@@ -99,10 +99,12 @@ def _verify(args: argparse.Namespace) -> None:
 
     if not args.wheel.is_file():
         raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
-    report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
+    report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
+                          base_wheel=args.base_wheel, use_base=not args.no_base)
     for check in report.checks:
         emit(f"ok: {check}")
-    emit(f"{report.wheel}: verified")
+    level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}
+    emit(f"{report.wheel}: verified{level.get(report.level, f' ({report.level})')}")
 
 
 def _build_fa4_wheel(args: argparse.Namespace) -> None:
@@ -218,9 +220,15 @@ def _build_args(b: argparse.ArgumentParser) -> None:
                         "class in the user data directory admits it (default sm90)")
 
 
+
 def _verify_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("wheel", type=Path)
-    v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
+    v.add_argument("--quick", action="store_true",
+                   help="no rebuild: pinned-data checks, and RECORD hashes of the members vllm-forge wrote")
+    v.add_argument("--base-wheel", type=Path,
+                   help="the pinned vLLM base wheel (sha256-checked; default: the download cache build uses)")
+    v.add_argument("--no-base", action="store_true",
+                   help="do not rebuild: pinned-data checks + self-consistency only")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
 
 
@@ -335,7 +343,7 @@ Handler = Callable[[argparse.Namespace], "int | None"]
 # name, help, arguments, handler: the command line
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
     ("build", "forge a vLLM wheel with FA4 head dim <= 512 + paged KV on SM90", _build_args, _build),
-    ("verify", "static checks of a forged wheel", _verify_args, _verify),
+    ("verify", "check a forged wheel is what vllm-forge builds from the pinned inputs", _verify_args, _verify),
     ("build-fa4-wheel", "a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)", _build_fa4_wheel_args,
      _build_fa4_wheel),
     ("docker", "render docker/Dockerfile.in (and build it where an engine works)", _docker_args, _docker),
