@@ -38,12 +38,13 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
           fa_src: str | None = None, index_url: str | None = None,
           fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None,
           allow_unvalidated: bool = False, runtime: bool = True, device_class: str = "sm90",
-          epoch: int | None = None) -> BuildResult:
+          epoch: int | None = None, platform: str = "x86_64") -> BuildResult:
     """gemma4_fa4: None = the release's default (on where it forces TRITON_ATTN for Gemma-4).
-    epoch (verify's rebuild): overrides SOURCE_DATE_EPOCH and the base's timestamp."""
+    epoch (verify's rebuild): overrides SOURCE_DATE_EPOCH and the base's timestamp.
+    platform: whose release wheel is the base (x86_64, aarch64); the plan is the same."""
     t0 = time.monotonic()
     pins = load_pins()
-    vpin = pins.for_version(version or pins.default_vllm)
+    vpin = pins.for_version(version or pins.default_vllm, platform=platform)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
     check_device_class(device_class)
@@ -68,7 +69,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
-    print(f"vllm-forge {__version__}: vLLM {vpin.version} ({vpin.plan}) + flash-attention "
+    print(f"vllm-forge {__version__}: vLLM {vpin.version} {vpin.platform} ({vpin.plan}) + flash-attention "
           f"{pins.fa_commit(vpin)[:7]} (overlay {' + '.join(stack.ids) or 'none'}, FA4 {fa4_mode})", file=sys.stderr)
     try:
         final, manifest_path, report = _forge(
@@ -108,7 +109,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                                  source_date_epoch(base_stamp, "base wheel METADATA timestamp"))
             stamp = {
                 "tool": f"vllm-forge {__version__}",
-                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256,
+                         "platform": vpin.platform},
                 "plan": vpin.plan,
                 "flash_attention": {
                     "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,

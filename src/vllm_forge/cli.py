@@ -58,6 +58,28 @@ def _bench(args: argparse.Namespace) -> int:
         args.vocab, args.profile, args.hf_reference, args.timeout, args.work, args.python or sys.executable))
 
 
+def _pin(args: argparse.Namespace) -> int:
+    from .pin import pin_release
+    from .validation import user_data_dir
+
+    res = pin_release(args.version, args.data_dir or user_data_dir(), args.index_url)
+    plats = ", ".join(["x86_64", *res.entry.get("platforms", {})])
+    how = (f"overlay {res.entry['overlay']}" if res.entry["plan"] == "backport" else
+           f"flash-attention {res.entry['flash_attention_commit'][:7]}, series {res.series}"
+           + (f" ported from vLLM {res.ported_from}'s (clean three-way merge, not GPU-validated)"
+              if res.ported_from else ""))
+    print(f"pinned vLLM {res.version} ({res.entry['plan']}: {how}; wheels: {plats}) into {res.path}")
+    for flag in res.flags:
+        print(f"  note: {flag}")
+    return 0
+
+
+def _platform(p: argparse.ArgumentParser, default: str | None = "x86_64") -> None:
+    p.add_argument("--platform", choices=("x86_64", "aarch64"), default=default,
+                   help="whose vLLM release wheel: x86_64 or aarch64 (GH200)" +
+                   (f" (default {default})" if default else " (default: the wheel's own)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vllm-forge", description=__doc__)
     ap.add_argument("--version", action="version", version=f"vllm-forge {__version__}")
@@ -88,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device-class", default="sm90",
                    help="tune releases: the GPUs the wheel is for; a `validate` record of the series on this "
                         "class in the user data directory admits it (default sm90)")
+    _platform(b)
 
     v = sub.add_parser("verify", help="check a forged wheel is what vllm-forge builds from the pinned inputs")
     v.add_argument("wheel", type=Path)
@@ -98,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--no-base", action="store_true",
                    help="do not rebuild: pinned-data checks + self-consistency only")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
+    _platform(v, None)
 
     f = sub.add_parser("build-fa4-wheel", help="a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)")
     f.add_argument("--out", type=Path, default=Path("dist"))
@@ -121,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CA bundle for the build's HTTPS (secret ca-bundle; default: PIP_CERT/SSL_CERT_FILE if set)")
     d.add_argument("--fa4-cache", type=Path,
                    help="an FA4 kernel cache made by `vllm-forge fa4-cache` with this forged wheel: into the image")
+    _platform(d)
     d.add_argument("--isolation", help="buildah/podman --isolation (default: chroot unless BUILDAH_ISOLATION is set)")
 
     kc = sub.add_parser("fa4-cache", help="compile a model's FA4 kernels ahead of time (GPU machine, forged "
@@ -146,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--index-url", help="package index simple API (default: pip's)")
     lk.add_argument("--newest", action="store_true",
                     help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
+    _platform(lk, None)
+
+    pn = sub.add_parser("pin", help="resolve a vLLM release vllm-forge does not ship (wheels, sdist, FA pin, plan, "
+                        "FA series ported from the nearest pin) into the user data directory")
+    pn.add_argument("version", help="the vLLM release, e.g. 0.34.0")
+    pn.add_argument("--data-dir", type=Path, help="user data directory (default: $VLLM_FORGE_USER_DATA_DIR, else "
+                    "$XDG_DATA_HOME/vllm-forge, else ~/.local/share/vllm-forge; build reads the same)")
+    pn.add_argument("--index-url", help="package index simple API (default: pip's)")
+    pn.set_defaults(handler=_pin)
 
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
@@ -206,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        if args.cmd in ("validate", "bench"):
+        if args.cmd in ("validate", "bench", "pin"):
             return int(args.handler(args))
         if args.cmd == "build":
             if args.mode == "source":
@@ -217,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class)
+                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class,
+                           platform=args.platform)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel
@@ -227,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             from .docker import docker
 
             print(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
-                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache))
+                         args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache,
+                         platform=args.platform))
         elif args.cmd == "fa4-cache":
             from .kernel_cache import CacheRequest, produce
 
@@ -242,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             from .lock import lock
 
             out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
-            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest))
+            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest,
+                       platform=args.platform))
         elif args.cmd == "refresh" and args.fa_series:
             from .refresh_fa import refresh_fa_series
 
@@ -262,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.wheel.is_file():
                 raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
             report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
-                                  base_wheel=args.base_wheel, use_base=not args.no_base)
+                                  base_wheel=args.base_wheel, use_base=not args.no_base, platform=args.platform)
             for check in report.checks:
                 print(f"ok: {check}")
             level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}

@@ -10,13 +10,15 @@ runtime's Ubuntu and Python)."""
 from __future__ import annotations
 
 import json
+import platform as host
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from packaging.utils import canonicalize_name
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion
 
 from .errors import ForgeError
 from .fetch import sha256_file
@@ -68,8 +70,24 @@ def lock_lines(wheel: Path, items: list[dict[str, Any]], wheel_ref: str) -> list
     return lines
 
 
+def platform_args(wheel: Path, platform: str | None) -> list[str]:
+    """pip's options to resolve for the wheel's machine (x86_64, aarch64) when it is not this one's:
+    the wheel's own platform tags, binary distributions only (pip cannot build for another machine)."""
+    try:
+        plats = sorted({t.platform for t in parse_wheel_filename(wheel.name)[3]})
+    except (InvalidWheelFilename, InvalidVersion) as e:
+        raise ForgeError(f"{wheel.name} is not a wheel file name ({e})", "give the path of a forged wheel") from None
+    machine = "aarch64" if any(p.endswith("_aarch64") for p in plats) else "x86_64"
+    if platform is not None and platform != machine:
+        raise ForgeError(f"{wheel.name} is a {machine} wheel, not {platform}",
+                         f"lock it with --platform {machine} (or without --platform)")
+    if machine == {"arm64": "aarch64", "AMD64": "x86_64"}.get(host.machine(), host.machine()):
+        return []
+    return ["--only-binary=:all:", *(f"--platform={p}" for p in plats)]
+
+
 def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
-         index_url: str | None = None, tested: bool = True) -> Path:
+         index_url: str | None = None, tested: bool = True, platform: str | None = None) -> Path:
     """tested: constrain FA4's runtime packages to pins.json's `tested_with` (the set measured on
     the H100); otherwise pip takes the newest versions FA4's ranges admit."""
     if not wheel.is_file():
@@ -77,7 +95,7 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     if out.is_dir():
         raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
     check_output_dir(out.parent, "the directory of --out")
-    pip_args = ["--index-url", index_url] if index_url else []
+    pip_args = (["--index-url", index_url] if index_url else []) + platform_args(wheel, platform)
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
     lines = lock_lines(wheel, items, wheel_ref or str(wheel))
     header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"

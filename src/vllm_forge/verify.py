@@ -108,7 +108,8 @@ def read_options(zf: zipfile.ZipFile, di: str, pins: Pins, path: str) -> Options
     except ValueError as e:
         raise _fail(path, f"{di}/{STAMP} is not JSON ({e})") from None
     try:
-        vpin = pins.for_version(str(stamp["vllm"]["version"]))
+        vpin = pins.for_version(str(stamp["vllm"]["version"]),
+                                platform=str(stamp["vllm"].get("platform", "x86_64")))
         mode = stamp.get("fa4_mode", "bundled")
         layers = list(stamp["overlay"]["layers"])
         patches = tuple((str(p["name"]), str(p["sha256"])) for p in stamp["flash_attention"]["patches"])
@@ -176,7 +177,7 @@ def find_base(vpin: VllmPin, base_wheel: Path | None) -> Path | None:
 def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
                  fa_patch_dir: Path | None = None, name: str | None = None,
                  base_wheel: Path | None = None, use_base: bool = True,
-                 fa_tree: str | None = None) -> Report:
+                 fa_tree: str | None = None, platform: str | None = None) -> Report:
     """Check a forged wheel against what the pinned inputs give (see the module docstring).
 
     deep=False (build on its own output, `verify --quick`): no rebuild, and RECORD hashes only
@@ -197,6 +198,9 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
             raise _fail(filename, f"file name, dist-info {di} and METADATA disagree on the version")
         opts = read_options(zf, di, pins, filename)
     vpin = opts.vpin
+    if platform is not None and platform != vpin.platform:
+        raise ForgeError(f"verify {filename}: built for --platform {vpin.platform}, not {platform}",
+                         f"verify it with --platform {vpin.platform} (or without --platform)")
     target = fa_target(pins, vpin)
     patch_dir = resolve_series(filename, opts, target, fa_patch_dir)
     _name_checks(filename, opts, target, tags, report)
@@ -395,7 +399,7 @@ def _rebuild_and_compare(path: Path, filename: str, opts: Options, base: Path, p
             with contextlib.redirect_stderr(log):
                 result = build(opts.vpin.version, work / "out", base_wheel=base, fa_patch_dir=patch_dir,
                                fa4_mode=opts.fa4_mode, gemma4_fa4=opts.gemma4, allow_unvalidated=True,
-                               runtime=opts.runtime, epoch=opts.epoch)
+                               runtime=opts.runtime, epoch=opts.epoch, platform=opts.vpin.platform)
         except ForgeError as e:
             raise ForgeError(f"verify {filename}: cannot rebuild it from the pinned inputs: {e.what}",
                              e.hint) from None
