@@ -294,15 +294,17 @@ class PinResult:
     flags: list[str] = field(default_factory=list)
 
 
-def _nearest_with_series(pins: Pins, version: str, user_root: Path) -> str:
+def _nearest_with_series(pins: Pins, version: str) -> str:
+    """The release whose FA series is ported: the newest pinned release before `version` with one
+    (series are ported forward), else the oldest after it."""
     from .series import series_for
 
-    have = [v for v, p in pins.vllm.items() if p.plan == "tune" and v != version
-            and series_for(p.cute_tree_sha256) is not None]
+    have = sorted((v for v, p in pins.vllm.items() if p.plan == "tune" and v != version
+                   and series_for(p.cute_tree_sha256) is not None), key=version_key)
     if not have:
         raise ForgeError("no pinned release has a flash-attention series to port", "reinstall vllm-forge")
-    return min(have, key=lambda v: (abs(version_key(v)[0] - version_key(version)[0]) * 1000
-                                    + abs(version_key(v)[1] - version_key(version)[1]), -version_key(v)[1]))
+    older = [v for v in have if version_key(v) < version_key(version)]
+    return older[-1] if older else have[0]
 
 
 def pin_release(version: str, data: Path, index_url: str | None = None) -> PinResult:
@@ -328,7 +330,6 @@ def pin_release(version: str, data: Path, index_url: str | None = None) -> PinRe
         raise ForgeError(f"vLLM {version} lacks PR #38835 and no backport overlay applies to its base files",
                          "port one with `vllm-forge refresh --from <nearest release> --to ...` (needs a pin)")
     pins = load_pins()
-    series_root = data / "patches" / "flash-attention"
     result = PinResult(version, data / USER_PINS, entry, flags=res.flags)
     port: dict[str, str] = {}
     if entry["plan"] == "tune":
@@ -338,7 +339,7 @@ def pin_release(version: str, data: Path, index_url: str | None = None) -> PinRe
         if found is not None:
             result.series = found.hash
         else:
-            src = _nearest_with_series(pins, version, series_root)
+            src = _nearest_with_series(pins, version)
             src_t = fa_target(pins, pins.for_version(src))
             old_series = series_for(src_t.cute_tree_sha256)
             assert old_series is not None

@@ -153,9 +153,9 @@ class Pins:
                              f"pin it with `vllm-forge pin {vpin.version}` (it records every platform's wheel)")
         differs = spec.get("python_differs") or []
         assert isinstance(differs, list)
+        shown = ", ".join(map(str, differs[:3])) + (", ..." if len(differs) > 3 else "")
         refused = vpin.refused or (f"{len(differs)} Python file(s) of its {platform} wheel differ from the x86_64 "
-                                   f"wheel's ({', '.join(map(str, differs[:3]))}{', ...' if len(differs) > 3 else ''}): "
-                                   "the plan is checked on x86_64's" if differs else "")
+                                   f"wheel's ({shown}): the plan is checked on x86_64's" if differs else "")
         return dataclasses.replace(vpin, wheel=str(spec["wheel"]), wheel_sha256=str(spec["wheel_sha256"]),
                                    wheel_choice=str(spec.get("wheel_choice", "")), platform=platform,
                                    refused=refused)
