@@ -62,7 +62,7 @@ def _pin(args: argparse.Namespace) -> int:
     from .pin import pin_release
     from .validation import user_data_dir
 
-    res = pin_release(args.version, args.data_dir or user_data_dir(), args.index_url)
+    res = pin_release(args.version, args.data_dir or user_data_dir(), args.index_url, args.conflicts)
     plats = ", ".join(["x86_64", *res.entry.get("platforms", {})])
     how = (f"overlay {res.entry['overlay']}" if res.entry["plan"] == "backport" else
            f"flash-attention {res.entry['flash_attention_commit'][:7]}, series {res.series}"
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     pn.add_argument("--data-dir", type=Path, help="user data directory (default: $VLLM_FORGE_USER_DATA_DIR, else "
                     "$XDG_DATA_HOME/vllm-forge, else ~/.local/share/vllm-forge; build reads the same)")
     pn.add_argument("--index-url", help="package index simple API (default: pip's)")
+    pn.add_argument("--conflicts", type=Path, help="where a conflicting series port leaves the merged files "
+                    "with conflict markers (nothing else is written)")
     pn.set_defaults(handler=_pin)
 
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")

@@ -307,7 +307,8 @@ def _nearest_with_series(pins: Pins, version: str) -> str:
     return older[-1] if older else have[0]
 
 
-def pin_release(version: str, data: Path, index_url: str | None = None) -> PinResult:
+def pin_release(version: str, data: Path, index_url: str | None = None,
+                conflicts_dir: Path | None = None) -> PinResult:
     """Resolve `version` and write its entry (and a ported FA series where its pin has none) under `data`."""
     from . import refresh_fa
     from .fa4 import fa_target, write_tree
@@ -349,12 +350,16 @@ def pin_release(version: str, data: Path, index_url: str | None = None) -> PinRe
                 work = Path(tmp)
                 old = refresh_fa.pin_tree(src_t, work / "old", index_url)
                 patches = read_series(old_series.dir)
-                ported, conflicts, _ = refresh_fa.port_series(old, res.upstream_cute, patches, work / "port")
+                ported, conflicts, marked = refresh_fa.port_series(old, res.upstream_cute, patches, work / "port")
                 if conflicts:
+                    for rel, merged in marked.items() if conflicts_dir is not None else ():
+                        (conflicts_dir / rel).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[operator]
+                        (conflicts_dir / rel).write_bytes(merged)  # type: ignore[operator]
                     raise ForgeError(f"refresh conflict porting series {old_series.dir.name} to flash-attention "
                                      f"{entry['flash_attention_commit'][:7]}: " + "; ".join(map(str, conflicts)),
-                                     "resolve those hunks by hand (`vllm-forge refresh --fa-series --conflicts DIR` "
-                                     "keeps the merged files); nothing was written")
+                                     "resolve those hunks by hand (kernel work; "
+                                     + (f"merged files with markers in {conflicts_dir}" if conflicts_dir else
+                                        "--conflicts DIR keeps the merged files") + "), nothing was written")
                 port = {**ported, "series": "".join(f"{p.name}\n" for p in patches)}
                 check = work / "check"
                 for name, text in port.items():
