@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tune releases: the GPUs the wheel is for; a `validate` record of the series on this "
                         "class in the user data directory admits it (default sm90)")
     _platform(b)
+    b.add_argument("--patches", type=Path, help="your own vLLM patches: a quilt series + bases.json (vllm-forge "
+                   "export), applied after vllm-forge's overlays; the version label gets .u<hash7>")
 
     v = sub.add_parser("verify", help="check a forged wheel is what vllm-forge builds from the pinned inputs")
     v.add_argument("wheel", type=Path)
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="do not rebuild: pinned-data checks + self-consistency only")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
     _platform(v, None)
+    v.add_argument("--patches", type=Path, help="your vLLM patch series the wheel was built with (default: the "
+                   "copy its stamp carries)")
 
     f = sub.add_parser("build-fa4-wheel", help="a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)")
     f.add_argument("--out", type=Path, default=Path("dist"))
@@ -190,8 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--force", action="store_true", help="merge even into a release that already carries the fix")
     r.add_argument("--fa-series", action="store_true",
                    help="port the flash-attention patch series of --from's FA pin to --to's FA pin instead")
-    r.add_argument("--conflicts", type=Path, help="with --fa-series: leave merged files with conflict markers here")
+    r.add_argument("--conflicts", type=Path, help="with --fa-series/--patches: leave merged files with conflict "
+                   "markers here")
     r.add_argument("--index-url", help="package index simple API (default: pip's)")
+    r.add_argument("--patches", type=Path, help="port your own vLLM patch series (made on --from's files) instead")
+    r.add_argument("--out", type=Path, help="with --patches: the ported series' directory (default: DIR-<to>)")
+
+    ex = sub.add_parser("export", help="your vLLM patch series from an edited unpacked tree (for build --patches)")
+    ex.add_argument("--vllm", required=True, help="the release the tree was unpacked from")
+    ex.add_argument("--tree", type=Path, required=True, help="the directory holding the edited vllm/ (an unpacked "
+                    "wheel or pip --target; files may be missing)")
+    ex.add_argument("--out", type=Path, required=True, help="the series directory to write (must not exist)")
+    ex.add_argument("--index-url", help="package index simple API (default: pip's)")
 
     va = sub.add_parser("validate", help="on a GPU: check the forged FA4 against float64 and time it against the "
                         "release's stock FA4; records the validation for `build`'s gate")
@@ -254,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
                            args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class,
-                           platform=args.platform)
+                           platform=args.platform, user_patches=args.patches)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel
@@ -282,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
             print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest,
                        platform=args.platform))
+        elif args.cmd == "refresh" and args.patches is not None:
+            from .user_patches import refresh_user_series
+
+            ported = args.out or args.patches.parent / f"{args.patches.name}-{args.to_version}"
+            print(refresh_user_series(args.patches, args.from_version, args.to_version, ported, args.index_url,
+                                      args.conflicts))
+        elif args.cmd == "export":
+            from .user_patches import export_series
+
+            series_dir, changed = export_series(args.vllm, args.tree, args.out, args.index_url)
+            print(f"{series_dir}: {len(changed)} patch(es) against vLLM {args.vllm} ({', '.join(changed)})")
         elif args.cmd == "refresh" and args.fa_series:
             from .refresh_fa import refresh_fa_series
 
@@ -301,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.wheel.is_file():
                 raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
             report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
-                                  base_wheel=args.base_wheel, use_base=not args.no_base, platform=args.platform)
+                                  base_wheel=args.base_wheel, use_base=not args.no_base, platform=args.platform,
+                                  user_patches=args.patches)
             for check in report.checks:
                 print(f"ok: {check}")
             level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}

@@ -46,15 +46,15 @@ PLANS = ("backport", "tune")
 
 
 def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False, series: str = "",
-                  runtime: bool = True) -> str:
-    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4][.nort].
+                  runtime: bool = True, user: str = "") -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4][.u<user7>][.nort].
 
     series: the short hash of the flash-attention patch series (patching.series_hash), so a
     build with another series or pin never gets the name of the default one; .nort: built
-    without the runtime layer (--no-runtime)."""
+    without the runtime layer (--no-runtime); user: the short hash of the user's own vLLM patches (--patches)."""
     label = f"fa4.{short}" + (f".p{series}" if series else "")
     label += "" if fa4_mode == "bundled" else f".{fa4_mode}"
-    return label + (".gemma4" if gemma4_fa4 else "") + ("" if runtime else ".nort")
+    return label + (".gemma4" if gemma4_fa4 else "") + (f".u{user}" if user else "") + ("" if runtime else ".nort")
 
 
 @dataclass(frozen=True)
