@@ -9,9 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import copy_data, run_cli
 from packaging.utils import parse_wheel_filename
 
+from conftest import copy_data, run_cli
 from vllm_forge.pins import data_dir, load_pins
 from vllm_forge.verify import STAMP
 
@@ -38,7 +38,8 @@ def test_every_release_pins_its_aarch64_wheel() -> None:
         assert (vp.wheel, vp.wheel_sha256, vp.platform) == (arm["wheel"], arm["wheel_sha256"], "aarch64")
         assert (vp.plan, vp.overlay, vp.cute_tree_sha256) == (x86.plan, x86.overlay, x86.cute_tree_sha256)
     # pip's choice where a release has two aarch64 uploads: the build-tagged one
-    assert raw["vllm"]["0.20.1"]["platforms"]["aarch64"]["wheel"] == "vllm-0.20.1-1-cp38-abi3-manylinux_2_35_aarch64.whl"
+    arm = raw["vllm"]["0.20.1"]["platforms"]["aarch64"]
+    assert arm["wheel"] == "vllm-0.20.1-1-cp38-abi3-manylinux_2_35_aarch64.whl"
 
 
 def test_aarch64_refused_where_its_python_differs(tmp_path: Path) -> None:

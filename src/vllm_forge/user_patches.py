@@ -199,7 +199,18 @@ def refresh_user_series(patch_dir: Path, from_version: str, to_version: str, out
                          "resolve those hunks by hand on the new release's files"
                          + (f" (merged files with markers in {conflicts_dir})" if conflicts_dir else
                             " (--conflicts DIR keeps the merged files)") + "; nothing was written")
-    return write_series(out, ported, {f: _sha(new[f]) for f in us.files})
+    made = write_series(out, ported, {f: _sha(new[f]) for f in us.files})
+    with tempfile.TemporaryDirectory(prefix="vllm-forge-refresh-check-") as tmp:  # it must apply to what it ports to
+        try:
+            got = apply_user_series(load_user_series(made), to_version, new, {}, Path(tmp))
+        except ForgeError:
+            shutil.rmtree(made, ignore_errors=True)
+            raise
+    if got != {f: cur_new[f] for f in us.files}:
+        shutil.rmtree(made, ignore_errors=True)
+        raise ForgeError(f"the ported series does not reproduce the merge on vLLM {to_version}'s files",
+                         "port it by hand; nothing was written")
+    return made
 
 
 def export_series(version: str, tree: Path, out: Path, index_url: str | None = None) -> tuple[Path, list[str]]:
