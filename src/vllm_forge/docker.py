@@ -57,7 +57,8 @@ def render(version: str | None, out: Path, platform: str = "x86_64") -> Rendered
                          "reinstall vllm-forge, or fix VLLM_FORGE_DATA_DIR") from None
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "BASE_WHEEL": vpin.wheel,
                        "MANIFEST": wheel[:-4] + ".manifest.json", "FORGED_VERSION": forged_version,
-                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime, "PLATFORM": vpin.platform}.items():
+                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime,
+                       "PLATFORM_OPTION": "" if vpin.platform == "x86_64" else f" --platform {vpin.platform}"}.items():
         text = text.replace(f"@{key}@", value)
     if re.search(r"@[A-Z_]+@", text):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
