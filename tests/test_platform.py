@@ -149,3 +149,19 @@ def test_pin_conflict_and_bad_input_write_nothing(tmp_path: Path) -> None:
         r = run_cli("pin", bad, env=env)
         assert r.returncode == 2 and not user.exists(), bad
         one_line_error(r.stderr, what)
+
+
+def test_malformed_user_pins_named(tmp_path: Path) -> None:
+    user = tmp_path / "user"
+    user.mkdir()
+    env = {"VLLM_FORGE_USER_DATA_DIR": str(user)}
+    entry = json.loads((data_dir() / "pins.json").read_text())["vllm"]["0.33.0"]
+    (user / "pins.json").write_text(json.dumps({"schema": 1, "vllm": {"0.33.0": {**entry, "wheel": "../evil.whl"}}}))
+    r = run_cli("build", "--vllm", "0.19.1", "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    one_line_error(r.stderr, f"with the user pins {user / 'pins.json'}", "'../evil.whl' is not a file name",
+                   f"or remove {user / 'pins.json'}")
+    (user / "pins.json").write_text("{")
+    r = run_cli("build", "--vllm", "0.19.1", "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    one_line_error(r.stderr, "cannot read the user pins")

@@ -252,5 +252,11 @@ def load_pins(path: Path | None = None) -> Pins:
         _check(pins)
         return pins
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ForgeError(f"cannot read pins file {path}: {type(e).__name__}: {e}",
-                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at") from None
+        from .validation import user_data_dir
+
+        user = user_data_dir() / USER_PINS
+        mine = layered and user.is_file()
+        raise ForgeError(f"cannot read pins file {path}" + (f" with the user pins {user}" if mine else "")
+                         + f": {type(e).__name__}: {e}",
+                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at"
+                         + (f"; or remove {user} (`vllm-forge pin` writes it)" if mine else "")) from None
