@@ -165,3 +165,20 @@ def test_malformed_user_pins_named(tmp_path: Path) -> None:
     r = run_cli("build", "--vllm", "0.19.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2 and not (tmp_path / "out").exists()
     one_line_error(r.stderr, "cannot read the user pins")
+
+
+def test_lock_resolves_for_the_wheels_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aarch64 wheel locked on an x86_64 host: pip resolves binary wheels for its platform and every older
+    glibc (older pips take --platform literally); on its own machine, no options."""
+    from vllm_forge import lock
+
+    name = Path("vllm-0.20.0+fa4.f5bc33c-cp38-abi3-manylinux_2_35_aarch64.whl")
+    monkeypatch.setattr(lock.host, "machine", lambda: "x86_64")
+    args = lock.platform_args(name, None)
+    assert args[0] == "--only-binary=:all:" and "--platform=manylinux_2_35_aarch64" in args
+    assert "--platform=manylinux_2_17_aarch64" in args and "--platform=manylinux2014_aarch64" in args
+    assert not any("x86_64" in a for a in args)
+    monkeypatch.setattr(lock.host, "machine", lambda: "aarch64")
+    assert lock.platform_args(name, "aarch64") == []
+    with pytest.raises(lock.ForgeError, match="is a aarch64 wheel, not x86_64"):
+        lock.platform_args(name, "x86_64")

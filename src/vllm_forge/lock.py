@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform as host
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
     """pip's installation report for `wheel` (all of it, nothing installed), under `constraints`."""
     with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
         report = Path(tmp) / "report.json"
+        if any(a.startswith("--platform") for a in pip_args):  # pip takes platform options only with a target
+            pip_args = [*pip_args, "--target", str(Path(tmp) / "target")]
         if constraints:
             constraint_file = Path(tmp) / "constraints.txt"
             constraint_file.write_text("\n".join(constraints) + "\n")
@@ -83,7 +86,12 @@ def platform_args(wheel: Path, platform: str | None) -> list[str]:
                          f"lock it with --platform {machine} (or without --platform)")
     if machine == {"arm64": "aarch64", "AMD64": "x86_64"}.get(host.machine(), host.machine()):
         return []
-    return ["--only-binary=:all:", *(f"--platform={p}" for p in plats)]
+    accepted: list[str] = []  # older pips take each platform literally: the wheel's glibc and every older one
+    for p in plats:
+        m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", p)
+        accepted += ([f"manylinux_2_{y}_{m.group(2)}" for y in range(int(m.group(1)), 16, -1)]
+                     + [f"manylinux2014_{m.group(2)}"]) if m else [p]
+    return ["--only-binary=:all:", *(f"--platform={p}" for p in dict.fromkeys(accepted))]
 
 
 def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
