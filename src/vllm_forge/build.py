@@ -118,7 +118,7 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
             stamp = {
                 "tool": f"vllm-forge {__version__}",
                 "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256,
-                         "platform": vpin.platform},
+                         **({"platform": vpin.platform} if vpin.platform != "x86_64" else {})},
                 "plan": vpin.plan,
                 "flash_attention": {
                     "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,
