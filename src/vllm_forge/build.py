@@ -24,6 +24,7 @@ from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import add_entry_point, runtime_source, runtime_stamp
 from .series import series_for, series_hash
+from .user_patches import UserSeries, apply_user_series, load_user_series
 from .validation import accepted, check_device_class, user_data_dir
 from .verify import STAMP, Report, verify_wheel
 
@@ -38,13 +39,15 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
           fa_src: str | None = None, index_url: str | None = None,
           fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None,
           allow_unvalidated: bool = False, runtime: bool = True, device_class: str = "sm90",
-          epoch: int | None = None) -> BuildResult:
+          epoch: int | None = None, platform: str = "x86_64", user_patches: Path | None = None) -> BuildResult:
     """gemma4_fa4: None = the release's default (on where it forces TRITON_ATTN for Gemma-4).
-    epoch (verify's rebuild): overrides SOURCE_DATE_EPOCH and the base's timestamp."""
+    epoch (verify's rebuild): overrides SOURCE_DATE_EPOCH and the base's timestamp.
+    platform: whose release wheel is the base (x86_64, aarch64); the plan is the same.
+    user_patches: the user's own vLLM patch series (user_patches.py), applied after the overlays."""
     t0 = time.monotonic()
     source_date_epoch(0, "")  # a malformed SOURCE_DATE_EPOCH is refused before any work
     pins = load_pins()
-    vpin = pins.for_version(version or pins.default_vllm)
+    vpin = pins.for_version(version or pins.default_vllm, platform=platform)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
     check_device_class(device_class)
@@ -52,6 +55,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     if vpin.plan == "tune":
         check_tune(pins, vpin, fa_patch_dir, fa4_mode, allow_unvalidated, device_class)
     stack = load_stack(layers_for(vpin.overlay if vpin.plan == "backport" else "", fa4_mode, gemma4_fa4))
+    user = load_user_series(user_patches) if user_patches is not None else None
     check_output_dir(out_dir)  # before a 433 MB download
     index = cache(lambda: Index(index_url))
     project = pins.index_project
@@ -69,18 +73,18 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
-    print(f"vllm-forge {__version__}: vLLM {vpin.version} ({vpin.plan}) + flash-attention "
+    print(f"vllm-forge {__version__}: vLLM {vpin.version} {vpin.platform} ({vpin.plan}) + flash-attention "
           f"{pins.fa_commit(vpin)[:7]} (overlay {' + '.join(stack.ids) or 'none'}, FA4 {fa4_mode})", file=sys.stderr)
     try:
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, base_origin, out_dir, index, fa_src, fa_patch_dir,
-            from_cache=base_origin.startswith("cache "), runtime=runtime, epoch=epoch)
+            from_cache=base_origin.startswith("cache "), runtime=runtime, epoch=epoch, user=user)
     except _CorruptCache:  # the cache repairs itself: evict, download, verify, forge again
         evict(base)
         base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, f"index {index().url}{project}/", out_dir, index,
-            fa_src, fa_patch_dir, from_cache=False, runtime=runtime, epoch=epoch)
+            fa_src, fa_patch_dir, from_cache=False, runtime=runtime, epoch=epoch, user=user)
     print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     for check in report.checks:
         print(f"  ok: {check}", file=sys.stderr)
@@ -93,7 +97,8 @@ class _CorruptCache(Exception):
 
 def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: bool, base: Path, base_origin: str,
            out_dir: Path, index: Callable[[], Index], fa_src: str | None, fa_patch_dir: Path | None,
-           from_cache: bool, runtime: bool = True, epoch: int | None = None) -> tuple[Path, Path, Report]:
+           from_cache: bool, runtime: bool = True, epoch: int | None = None,
+           user: UserSeries | None = None) -> tuple[Path, Path, Report]:
     project = pins.index_project
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
             ThreadPoolExecutor(2) as pool:
@@ -102,6 +107,10 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
         try:  # a cached base that fails anywhere here is checked against its sha256
             base_files, base_stamp = read_base(base, vpin.version, stack.paths)
             overlaid, done = stack.apply(base_files)
+            user_files: dict[str, bytes] = {}
+            if user is not None:
+                release, _ = read_base(base, vpin.version, list(user.files))
+                user_files = apply_user_series(user, vpin.version, release, overlaid, Path(work))
             adds = stack.adds()
             rt_source = runtime_source() if runtime else None
             fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
@@ -109,7 +118,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                                  source_date_epoch(base_stamp, "base wheel METADATA timestamp"))
             stamp = {
                 "tool": f"vllm-forge {__version__}",
-                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
+                "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256,
+                         **({"platform": vpin.platform} if vpin.platform != "x86_64" else {})},
                 "plan": vpin.plan,
                 "flash_attention": {
                     "commit": target.commit, "pin_tree_sha256": fa.pin_tree_sha256,
@@ -125,6 +135,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                 "source_date_epoch": epoch,
                 "runtime": runtime_stamp(rt_source) if rt_source is not None else None,
             }
+            if user is not None:
+                stamp["user_patches"] = {**user.stamp(), "results": {p: sha256(d) for p, d in user_files.items()}}
             tmp_wheel = temp(".whl.part")
             bundled = {} if fa4_mode == "system" else {f"{WHEEL_CUTE}/{p}": d for p, d in fa.files.items()}
             system_req = [f"{pins.fa.fa4_wheel.name}=={fa4_wheel_version(pins.fa, fa.patches)}"]
@@ -134,8 +146,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
             series = series_hash([p.sha256 for p in fa.patches]) if fa.patches else ""
             forged = assemble(
                 base, tmp_wheel, base_name=vpin.wheel,
-                label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
-                drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid,
+                label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime, user.hash if user else ""),
+                drop_prefixes=(WHEEL_CUTE + "/",), replace={**overlaid, **user_files},
                 add={**adds, **bundled, **({RUNTIME_MODULE: rt_source} if rt_source is not None else {})},
                 requires=requires,
                 stamp=(STAMP, (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()), epoch=epoch,

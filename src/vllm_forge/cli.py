@@ -7,7 +7,9 @@ Commands (each one sub-parser, its arguments and one handler, in COMMANDS below)
   docker           render docker/Dockerfile.in (and build it where an engine works)
   fa4-cache        compile a model's FA4 kernels ahead of time (GPU machine)
   lock             hash-pinned requirements for `pip install --require-hashes` of a wheel
-  refresh          port the overlay (or the flash-attention series) of one release to another
+  refresh          port the overlay (the flash-attention series, your own vLLM patches) to another release
+  export           your vLLM patch series from an edited unpacked tree (for build --patches)
+  pin              resolve a vLLM release vllm-forge does not ship into the user data directory
   validate         on a GPU: the forged FA4 against float64 and timed against the stock FA4 (a record
                    for `build`'s gate)
   bench            on a GPU: vLLM's engine end to end, stock vs forged
@@ -90,7 +92,8 @@ def _build(args: argparse.Namespace) -> None:
     from .build import build
 
     result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                   args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class)
+                   args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class,
+                   platform=args.platform, user_patches=args.patches)
     emit(str(result.wheel))
 
 
@@ -100,7 +103,8 @@ def _verify(args: argparse.Namespace) -> None:
     if not args.wheel.is_file():
         raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
     report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
-                          base_wheel=args.base_wheel, use_base=not args.no_base)
+                          base_wheel=args.base_wheel, use_base=not args.no_base, platform=args.platform,
+                          user_patches=args.patches)
     for check in report.checks:
         emit(f"ok: {check}")
     level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}
@@ -117,7 +121,8 @@ def _docker(args: argparse.Namespace) -> None:
     from .docker import docker
 
     emit(str(docker(args.vllm, args.out, args.build, args.context, args.tag, args.engine, args.builder_image,
-                    args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache)))
+                    args.runtime_image, args.index_url, args.ca_bundle, args.isolation, args.fa4_cache,
+                    platform=args.platform)))
 
 
 def _fa4_cache(args: argparse.Namespace) -> None:
@@ -136,10 +141,18 @@ def _lock(args: argparse.Namespace) -> None:
     from .lock import lock
 
     out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
-    emit(str(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest)))
+    emit(str(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest,
+                  platform=args.platform)))
 
 
 def _refresh(args: argparse.Namespace) -> None:
+    if args.patches is not None:
+        from .user_patches import refresh_user_series
+
+        ported = args.out or args.patches.parent / f"{args.patches.name}-{args.to_version}"
+        emit(str(refresh_user_series(args.patches, args.from_version, args.to_version, ported, args.index_url,
+                                     args.conflicts)))
+        return
     if args.fa_series:
         from .refresh_fa import refresh_fa_series
 
@@ -152,6 +165,28 @@ def _refresh(args: argparse.Namespace) -> None:
     rep = refresh(args.from_version, args.to_version, args.data_dir, args.force)
     emit(f"overlay {rep.overlay_id}: {len(rep.merged)} file(s) merged ({', '.join(rep.merged) or '-'}), "
          f"{len(rep.reused)} reused")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .user_patches import export_series
+
+    series_dir, changed = export_series(args.vllm, args.tree, args.out, args.index_url)
+    emit(f"{series_dir}: {len(changed)} patch(es) against vLLM {args.vllm} ({', '.join(changed)})")
+
+
+def _pin(args: argparse.Namespace) -> None:
+    from .pin import pin_release
+    from .validation import user_data_dir
+
+    res = pin_release(args.version, args.data_dir or user_data_dir(), args.index_url, args.conflicts)
+    plats = ", ".join(["x86_64", *res.entry.get("platforms", {})])
+    how = (f"overlay {res.entry['overlay']}" if res.entry["plan"] == "backport" else
+           f"flash-attention {res.entry['flash_attention_commit'][:7]}, series {res.series}"
+           + (f" ported from vLLM {res.ported_from}'s (clean three-way merge, not GPU-validated)"
+              if res.ported_from else ""))
+    emit(f"pinned vLLM {res.version} ({res.entry['plan']}: {how}; wheels: {plats}) into {res.path}")
+    for flag in res.flags:
+        emit(f"  note: {flag}")
 
 
 def _gpu_import_error(e: ImportError) -> ForgeError:
@@ -192,6 +227,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 # --- the arguments -----------------------------------------------------------------------------
 
+def _platform(p: argparse.ArgumentParser, default: str | None = "x86_64") -> None:
+    p.add_argument("--platform", choices=("x86_64", "aarch64"), default=default,
+                   help="whose vLLM release wheel: x86_64 or aarch64 (GH200)" +
+                   (f" (default {default})" if default else " (default: the wheel's own)"))
+
+
 def _build_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--vllm", default=None, help="pinned vLLM version (default: pins.json's default_vllm)")
     b.add_argument("--out", type=Path, default=Path("dist"), help="output directory (default: dist/)")
@@ -218,6 +259,9 @@ def _build_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--device-class", default="sm90",
                    help="tune releases: the GPUs the wheel is for; a `validate` record of the series on this "
                         "class in the user data directory admits it (default sm90)")
+    _platform(b)
+    b.add_argument("--patches", type=Path, help="your own vLLM patches: a quilt series + bases.json (vllm-forge "
+                   "export), applied after vllm-forge's overlays; the version label gets .u<hash7>")
 
 
 
@@ -230,6 +274,9 @@ def _verify_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--no-base", action="store_true",
                    help="do not rebuild: pinned-data checks + self-consistency only")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
+    _platform(v, None)
+    v.add_argument("--patches", type=Path, help="your vLLM patch series the wheel was built with (default: the "
+                   "copy its stamp carries)")
 
 
 def _build_fa4_wheel_args(f: argparse.ArgumentParser) -> None:
@@ -255,6 +302,7 @@ def _docker_args(d: argparse.ArgumentParser) -> None:
                    help="CA bundle for the build's HTTPS (secret ca-bundle; default: PIP_CERT/SSL_CERT_FILE if set)")
     d.add_argument("--fa4-cache", type=Path,
                    help="an FA4 kernel cache made by `vllm-forge fa4-cache` with this forged wheel: into the image")
+    _platform(d)
     d.add_argument("--isolation", help="buildah/podman --isolation (default: chroot unless BUILDAH_ISOLATION is set)")
 
 
@@ -282,6 +330,24 @@ def _lock_args(lk: argparse.ArgumentParser) -> None:
     lk.add_argument("--index-url", help="package index simple API (default: pip's)")
     lk.add_argument("--newest", action="store_true",
                     help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
+    _platform(lk, None)
+
+
+def _pin_args(pn: argparse.ArgumentParser) -> None:
+    pn.add_argument("version", help="the vLLM release, e.g. 0.34.0")
+    pn.add_argument("--data-dir", type=Path, help="user data directory (default: $VLLM_FORGE_USER_DATA_DIR, else "
+                    "$XDG_DATA_HOME/vllm-forge, else ~/.local/share/vllm-forge; build reads the same)")
+    pn.add_argument("--index-url", help="package index simple API (default: pip's)")
+    pn.add_argument("--conflicts", type=Path, help="where a conflicting series port leaves the merged files "
+                    "with conflict markers (nothing else is written)")
+
+
+def _export_args(ex: argparse.ArgumentParser) -> None:
+    ex.add_argument("--vllm", required=True, help="the release the tree was unpacked from")
+    ex.add_argument("--tree", type=Path, required=True, help="the directory holding the edited vllm/ (an unpacked "
+                    "wheel or pip --target; files may be missing)")
+    ex.add_argument("--out", type=Path, required=True, help="the series directory to write (must not exist)")
+    ex.add_argument("--index-url", help="package index simple API (default: pip's)")
 
 
 def _refresh_args(r: argparse.ArgumentParser) -> None:
@@ -291,8 +357,11 @@ def _refresh_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--force", action="store_true", help="merge even into a release that already carries the fix")
     r.add_argument("--fa-series", action="store_true",
                    help="port the flash-attention patch series of --from's FA pin to --to's FA pin instead")
-    r.add_argument("--conflicts", type=Path, help="with --fa-series: leave merged files with conflict markers here")
+    r.add_argument("--conflicts", type=Path, help="with --fa-series/--patches: leave merged files with conflict "
+                   "markers here")
     r.add_argument("--index-url", help="package index simple API (default: pip's)")
+    r.add_argument("--patches", type=Path, help="port your own vLLM patch series (made on --from's files) instead")
+    r.add_argument("--out", type=Path, help="with --patches: the ported series' directory (default: DIR-<to>)")
 
 
 def _validate_args(va: argparse.ArgumentParser) -> None:
@@ -351,6 +420,9 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handle
                    "for `vllm-forge docker --fa4-cache`"), _fa4_cache_args, _fa4_cache),
     ("lock", "hash-pinned requirements for `pip install --require-hashes` of a wheel", _lock_args, _lock),
     ("refresh", "port the overlay of one pinned vLLM release to another (three-way merge)", _refresh_args, _refresh),
+    ("pin", ("resolve a vLLM release vllm-forge does not ship (wheels, sdist, FA pin, plan, FA series ported "
+             "from the nearest pin) into the user data directory"), _pin_args, _pin),
+    ("export", "your vLLM patch series from an edited unpacked tree (for build --patches)", _export_args, _export),
     ("validate", ("on a GPU: check the forged FA4 against float64 and time it against the release's stock FA4; "
                   "records the validation for `build`'s gate"), _validate_args, _validate),
     ("bench", ("on a GPU: vLLM's engine end to end (Gemma-4-31B shape, random weights), stock vs forged, each "

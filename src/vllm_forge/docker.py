@@ -41,11 +41,12 @@ class Rendered:
     version: str  # the forged version, e.g. 0.19.1+fa4.bce2942
 
 
-def render(version: str | None, out: Path, check: Callable[[Rendered], None] | None = None) -> Rendered:
+def render(version: str | None, out: Path, check: Callable[[Rendered], None] | None = None,
+           platform: str = "x86_64") -> Rendered:
     """Render the Dockerfile into a temp file in out; `check` (e.g. of an FA4 kernel cache for it) runs
     before it is renamed into place, so that a refusal leaves nothing in out."""
     pins = load_pins()
-    vpin = pins.for_version(version or pins.default_vllm)
+    vpin = pins.for_version(version or pins.default_vllm, platform=platform)
     names = forged_names(vpin.wheel, forged_label(pins, vpin))
     wheel = names.filename
     forged_version = wheel.split("-")[1]
@@ -58,7 +59,8 @@ def render(version: str | None, out: Path, check: Callable[[Rendered], None] | N
                          "reinstall vllm-forge, or fix VLLM_FORGE_DATA_DIR") from None
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "BASE_WHEEL": vpin.wheel,
                        "MANIFEST": wheel[:-4] + ".manifest.json", "FORGED_VERSION": forged_version,
-                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime}.items():
+                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime,
+                       "PLATFORM_OPTION": "" if vpin.platform == "x86_64" else f" --platform {vpin.platform}"}.items():
         text = text.replace(f"@{key}@", value)
     if re.search(r"@[A-Z_]+@", text):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
@@ -107,6 +109,7 @@ class ImageBuild:
     secrets: dict[str, Path] = field(default_factory=dict)
     timestamp: int | None = None  # SOURCE_DATE_EPOCH of the image
     isolation: str | None = None  # buildah/podman: chroot where no container runtime can run
+    platform: str = "x86_64"      # the image's machine: linux/amd64 or linux/arm64 (GH200)
 
 
 def engine_command(b: ImageBuild) -> list[str]:
@@ -124,6 +127,8 @@ def engine_command(b: ImageBuild) -> list[str]:
     args = dict(b.build_args)
     if b.timestamp is not None:
         args.setdefault("SOURCE_DATE_EPOCH", str(b.timestamp))
+    if b.platform == "aarch64":  # (x86_64: the engine's own default, as before)
+        cmd += ["--platform", "linux/arm64"]
     cmd += ["-f", str(b.dockerfile), "-t", b.tag]
     for key, value in sorted(args.items()):
         cmd += ["--build-arg", f"{key}={value}"]
@@ -180,7 +185,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def docker(version: str | None, out: Path, build: bool, context: Path, tag: str | None,
            engine: str = "auto", builder_image: str | None = None, runtime_image: str | None = None,
            index_url: str | None = None, ca_bundle: Path | None = None, isolation: str | None = None,
-           fa4_cache: Path | None = None) -> Path:
+           fa4_cache: Path | None = None, platform: str = "x86_64") -> Path:
     def check_fa4_cache(r: Rendered) -> None:
         if fa4_cache is not None:
             from .kernel_cache import check_cache
@@ -191,7 +196,7 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
 
     env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
     epoch = parse_epoch(env_epoch) if build and env_epoch else None  # refused before anything is written
-    rendered = render(version, out, check_fa4_cache)
+    rendered = render(version, out, check_fa4_cache, platform)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
     if not build:
         return rendered.dockerfile
@@ -205,7 +210,7 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     from .fetch import cache_dir
 
     # the host's forge: the wheel the builder must reproduce, bit for bit
-    result = forge(version, out / "dist", index_url=index_url)
+    result = forge(version, out / "dist", index_url=index_url, platform=platform)
     manifest = json.loads(result.manifest.read_text())
     source, revision, commit_time = git_provenance(context)
     timestamp = epoch if epoch is not None else commit_time if commit_time else int(manifest["source_date_epoch"])
@@ -236,7 +241,7 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
             stage_cache(fa4_cache, Path(kernels))
             contexts["fa4cache"] = Path(kernels)
         spec = ImageBuild(chosen, rendered.dockerfile, context, image_tag, build_args, contexts,
-                          {"ca-bundle": ca} if ca else {}, timestamp, isolation)
+                          {"ca-bundle": ca} if ca else {}, timestamp, isolation, platform)
         cmd = engine_command(spec)
         when = datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
         print(f"building {image_tag} with {chosen} (timestamp {timestamp} = {when}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import platform as host
 import re
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from packaging.utils import canonicalize_name
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion
 
 from .assemble import check_wheel_name
 from .errors import OS_HINTS, ForgeError
@@ -36,6 +38,8 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
     """pip's installation report for `wheel` (all of it, nothing installed), under `constraints`."""
     with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
         report = Path(tmp) / "report.json"
+        if any(a.startswith("--platform") for a in pip_args):  # pip takes platform options only with a target
+            pip_args = [*pip_args, "--target", str(Path(tmp) / "target")]
         if constraints:
             constraint_file = Path(tmp) / "constraints.txt"
             constraint_file.write_text("\n".join(constraints) + "\n")
@@ -106,8 +110,29 @@ def check_wheel_ref(ref: str) -> str:
     return ref
 
 
+def platform_args(wheel: Path, platform: str | None) -> list[str]:
+    """pip's options to resolve for the wheel's machine (x86_64, aarch64) when it is not this one's:
+    the wheel's own platform tags, binary distributions only (pip cannot build for another machine)."""
+    try:
+        plats = sorted({t.platform for t in parse_wheel_filename(wheel.name)[3]})
+    except (InvalidWheelFilename, InvalidVersion) as e:
+        raise ForgeError(f"{wheel.name} is not a wheel file name ({e})", "give the path of a forged wheel") from None
+    machine = "aarch64" if any(p.endswith("_aarch64") for p in plats) else "x86_64"
+    if platform is not None and platform != machine:
+        raise ForgeError(f"{wheel.name} is a {machine} wheel, not {platform}",
+                         f"lock it with --platform {machine} (or without --platform)")
+    if machine == {"arm64": "aarch64", "AMD64": "x86_64"}.get(host.machine(), host.machine()):
+        return []
+    accepted: list[str] = []  # older pips take each platform literally: the wheel's glibc and every older one
+    for p in plats:
+        m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", p)
+        accepted += ([f"manylinux_2_{y}_{m.group(2)}" for y in range(int(m.group(1)), 16, -1)]
+                     + [f"manylinux2014_{m.group(2)}"]) if m else [p]
+    return ["--only-binary=:all:", *(f"--platform={p}" for p in dict.fromkeys(accepted))]
+
+
 def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
-         index_url: str | None = None, tested: bool = True) -> Path:
+         index_url: str | None = None, tested: bool = True, platform: str | None = None) -> Path:
     """tested: constrain FA4's runtime packages to pins.json's `tested_with` (the set measured on
     the H100); otherwise pip takes the newest versions FA4's ranges admit."""
     if not wheel.is_file():
@@ -118,7 +143,7 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
         raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
     check_output_dir(out.parent, "the directory of --out")
     check_target(out, "--out")  # a device, FIFO or socket is refused, not replaced
-    pip_args = ["--index-url", index_url] if index_url else []
+    pip_args = (["--index-url", index_url] if index_url else []) + platform_args(wheel, platform)
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
     lines = lock_lines(wheel, items, wheel_ref or str(wheel))
     header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"

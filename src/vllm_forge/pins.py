@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+PLATFORMS = ("x86_64", "aarch64")  # `--platform`: the release wheel's machine (aarch64: GH200)
+USER_PINS = "pins.json"  # `vllm-forge pin`'s releases, in the user data directory (validation.user_data_dir)
+
 FA4_MODES = ("bundled", "system", "both")
 SYSTEM_LAYER = "system-fa4"  # the overlay layered on top for --fa4 system|both
 GEMMA4_LAYER = "gemma4-fa4"  # Gemma-4 on FA4 where the release forces TRITON_ATTN (default; --no-gemma4-fa4)
@@ -42,15 +46,15 @@ PLANS = ("backport", "tune")
 
 
 def version_label(short: str, fa4_mode: str, gemma4_fa4: bool = False, series: str = "",
-                  runtime: bool = True) -> str:
-    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4][.nort].
+                  runtime: bool = True, user: str = "") -> str:
+    """The PEP 440 local label of a forged wheel: fa4.<pin7>[.p<series7>][.system|.both][.gemma4][.u<user7>][.nort].
 
     series: the short hash of the flash-attention patch series (patching.series_hash), so a
     build with another series or pin never gets the name of the default one; .nort: built
-    without the runtime layer (--no-runtime)."""
+    without the runtime layer (--no-runtime); user: the short hash of the user's own vLLM patches (--patches)."""
     label = f"fa4.{short}" + (f".p{series}" if series else "")
     label += "" if fa4_mode == "bundled" else f".{fa4_mode}"
-    return label + (".gemma4" if gemma4_fa4 else "") + ("" if runtime else ".nort")
+    return label + (".gemma4" if gemma4_fa4 else "") + (f".u{user}" if user else "") + ("" if runtime else ".nort")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class VllmPin:
     torch: str = ""
     fa4_requires: tuple[str, ...] = ()   # requirements/cuda.txt's FA4 runtime lines (informational)
     refused: str = ""            # a release that cannot be served: why
+    platforms: dict[str, dict[str, object]] = field(default_factory=dict, hash=False, compare=False)
+    platform: str = "x86_64"     # whose wheel `wheel` is (for_version picks it)
+    user: bool = False           # pinned by `vllm-forge pin` into the user data directory
 
     @property
     def fa_short(self) -> str:
@@ -119,19 +126,39 @@ class Pins:
     fa: FaPin
     docker_images: tuple[str, str]  # default builder and runtime base images (docker/Dockerfile.in)
 
-    def for_version(self, version: str, servable: bool = True) -> VllmPin:
+    def for_version(self, version: str, servable: bool = True, platform: str = "x86_64") -> VllmPin:
         try:
             vpin = self.vllm[version]
         except KeyError:
             known = ", ".join(sorted(self.vllm, key=version_key))
             raise ForgeError(
                 f"unknown vLLM version {version!r}: {self.path.name} pins only {known}",
-                "pick a pinned version, or add one to pins.json with its wheel sha256 "
-                "(scripts/pin_releases.py) and a plan",
+                f"pick a pinned version, or pin that release with `vllm-forge pin {version}`",
             ) from None
+        if platform not in PLATFORMS:
+            raise ForgeError(f"unknown --platform {platform!r}", f"use one of {', '.join(PLATFORMS)}")
+        if platform != "x86_64":
+            vpin = self._on(vpin, platform)
         if servable and vpin.refused:
             raise ForgeError(f"vLLM {version} cannot be forged: {vpin.refused}", "pick another release")
         return vpin
+
+    @staticmethod
+    def _on(vpin: VllmPin, platform: str) -> VllmPin:
+        """vpin with its `platform` wheel: the x86_64 plan applies unchanged only where every .py file of
+        the two wheels is identical (their RECORD sha256s; pin data: python_differs), else refused."""
+        spec = vpin.platforms.get(platform)
+        if spec is None:
+            raise ForgeError(f"vLLM {vpin.version} has no {platform} wheel in the release data",
+                             f"pin it with `vllm-forge pin {vpin.version}` (it records every platform's wheel)")
+        differs = spec.get("python_differs") or []
+        assert isinstance(differs, list)
+        shown = ", ".join(map(str, differs[:3])) + (", ..." if len(differs) > 3 else "")
+        refused = vpin.refused or (f"{len(differs)} Python file(s) of its {platform} wheel differ from the x86_64 "
+                                   f"wheel's ({shown}): the plan is checked on x86_64's" if differs else "")
+        return dataclasses.replace(vpin, wheel=str(spec["wheel"]), wheel_sha256=str(spec["wheel_sha256"]),
+                                   wheel_choice=str(spec.get("wheel_choice", "")), platform=platform,
+                                   refused=refused)
 
     def fa_commit(self, vpin: VllmPin) -> str:
         """The flash-attention commit whose FA4 the forged wheel of vpin carries."""
@@ -155,6 +182,10 @@ def _check(pins: Pins) -> None:
                                    ("sdist_sha256", vp.sdist_sha256, _SHA256)):
             if not isinstance(value, str) or not shape.match(value):
                 raise ValueError(f"vllm {v!r}: {what} {value!r} is not a {'file name' if shape is _FILE else 'sha256'}")
+        for plat, spec in vp.platforms.items():
+            if plat not in PLATFORMS or not isinstance(spec, dict) or not _FILE.match(str(spec.get("wheel"))) \
+                    or not _SHA256.match(str(spec.get("wheel_sha256"))):
+                raise ValueError(f"vllm {v!r}: platforms.{plat} needs a wheel file name and its sha256")
         if vp.plan not in PLANS:
             raise ValueError(f"vllm {v!r}: plan {vp.plan!r} is not one of {', '.join(PLANS)}")
         if vp.plan == "backport" and (not isinstance(vp.overlay, str) or not vp.overlay):
@@ -174,10 +205,30 @@ def _check(pins: Pins) -> None:
         raise ValueError(f"default_vllm {pins.default_vllm!r} is not pinned")
 
 
+def _user_releases() -> dict[str, object]:
+    """`vllm-forge pin`'s entries (user data directory), layered over the shipped ones."""
+    from .validation import user_data_dir
+
+    path = user_data_dir() / USER_PINS
+    if not path.is_file():
+        return {}
+    try:
+        user = json.loads(path.read_text())["vllm"]
+        if not isinstance(user, dict):
+            raise TypeError("vllm is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ForgeError(f"cannot read the user pins {path}: {type(e).__name__}: {e}",
+                         "fix or remove it (`vllm-forge pin` writes it), or set VLLM_FORGE_USER_DATA_DIR") from None
+    return {v: {**spec, "user": True} for v, spec in user.items() if isinstance(spec, dict)}
+
+
 def load_pins(path: Path | None = None) -> Pins:
+    layered = path is None
     path = path or data_dir() / "pins.json"
     try:
         raw = json.loads(path.read_text())
+        if layered:
+            raw["vllm"] = {**raw["vllm"], **_user_releases()}
         fa = raw["flash_attention"]
         pins = Pins(
             path=path,
@@ -201,5 +252,11 @@ def load_pins(path: Path | None = None) -> Pins:
         _check(pins)
         return pins
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ForgeError(f"cannot read pins file {path}: {type(e).__name__}: {e}",
-                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at") from None
+        from .validation import user_data_dir
+
+        user = user_data_dir() / USER_PINS
+        mine = layered and user.is_file()
+        raise ForgeError(f"cannot read pins file {path}" + (f" with the user pins {user}" if mine else "")
+                         + f": {type(e).__name__}: {e}",
+                         "reinstall vllm-forge, or fix the copy VLLM_FORGE_DATA_DIR points at"
+                         + (f"; or remove {user} (`vllm-forge pin` writes it)" if mine else "")) from None

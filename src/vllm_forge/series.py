@@ -84,13 +84,22 @@ def write_manifest(manifest: dict[str, Any], root: Path | None = None) -> None:
 
 
 def series_for(pin_tree_sha256: str, root: Path | None = None) -> Series | None:
-    root = series_root(root)
-    entry = read_manifest(root)["series"].get(pin_tree_sha256)
-    if entry is None:
-        return None
-    d = root / entry["dir"]
-    if not d.is_dir() or ".." in Path(entry["dir"]).parts or Path(entry["dir"]).is_absolute():
-        raise ForgeError(f"series manifest names {entry['dir']!r}, not a directory under {root}",
-                         "fix patches/flash-attention/manifest.json")
-    return Series(pin_tree_sha256, entry["commit"], d, entry.get("ported_from"), entry.get("validation"),
-                  entry.get("patched"))
+    """The series of a pin: from `root`'s manifest, or (root None) the tool's own, else the user data
+    directory's (the ones `vllm-forge pin` ported)."""
+    from .validation import user_data_dir
+
+    user = user_data_dir() / "patches" / "flash-attention"
+    roots = [series_root(root)] if root is not None else [series_root(), user]
+    for i, where in enumerate(roots):
+        if i and not (where / MANIFEST).is_file():
+            continue
+        entry = read_manifest(where)["series"].get(pin_tree_sha256)
+        if entry is None:
+            continue
+        d = where / entry["dir"]
+        if not d.is_dir() or ".." in Path(entry["dir"]).parts or Path(entry["dir"]).is_absolute():
+            raise ForgeError(f"series manifest names {entry['dir']!r}, not a directory under {where}",
+                             f"fix {where / MANIFEST}")
+        return Series(pin_tree_sha256, entry["commit"], d, entry.get("ported_from"), entry.get("validation"),
+                      entry.get("patched"))
+    return None

@@ -28,13 +28,14 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import struct
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from installer.sources import WheelFile
 from packaging.requirements import InvalidRequirement, Requirement
@@ -95,6 +96,15 @@ class Options:
     patches: tuple[tuple[str, str], ...]  # (name, sha256): which series, checked against files here
     epoch: int
     tool: str
+    user: dict[str, Any] | None = None  # the user's own vLLM patches (user_patches.py): the stamp's record
+
+    @property
+    def user_hash(self) -> str:
+        """The series hash of the user's patches, from their text (never the stamp's word)."""
+        if not self.user:
+            return ""
+        return hashlib.sha256("".join(hashlib.sha256(p["text"].encode()).hexdigest()
+                                      for p in self.user["patches"]).encode()).hexdigest()[:7]
 
 
 def _fail(path: Path | str, what: str) -> ForgeError:
@@ -109,15 +119,23 @@ def read_options(zf: zipfile.ZipFile, di: str, pins: Pins, path: str) -> Options
     except ValueError as e:
         raise _fail(path, f"{di}/{STAMP} is not JSON ({e})") from None
     try:
-        vpin = pins.for_version(str(stamp["vllm"]["version"]))
+        vpin = pins.for_version(str(stamp["vllm"]["version"]),
+                                platform=str(stamp["vllm"].get("platform", "x86_64")))
         mode = stamp.get("fa4_mode", "bundled")
         layers = list(stamp["overlay"]["layers"])
         patches = tuple((str(p["name"]), str(p["sha256"])) for p in stamp["flash_attention"]["patches"])
         epoch = stamp["source_date_epoch"]
         if mode not in FA4_MODES or not isinstance(epoch, int) or isinstance(epoch, bool):
             raise ValueError("fa4_mode or source_date_epoch")
+        user = stamp.get("user_patches")
+        if user is not None:
+            for up in user["patches"]:
+                if not isinstance(up["text"], str) or hashlib.sha256(up["text"].encode()).hexdigest() != up["sha256"]:
+                    raise ValueError(f"user patch {up['name']!r}: text and sha256 disagree")
+            if not isinstance(user["bases"], dict) or not isinstance(user["results"], dict):
+                raise ValueError("user_patches bases/results")
         opts = Options(vpin, mode, GEMMA4_LAYER in layers, bool(stamp.get("runtime")), patches, epoch,
-                       str(stamp["tool"]))
+                       str(stamp["tool"]), user)
     except ForgeError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -177,7 +195,8 @@ def find_base(vpin: VllmPin, base_wheel: Path | None) -> Path | None:
 def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
                  fa_patch_dir: Path | None = None, name: str | None = None,
                  base_wheel: Path | None = None, use_base: bool = True,
-                 fa_tree: str | None = None) -> Report:
+                 fa_tree: str | None = None, platform: str | None = None,
+                 user_patches: Path | None = None) -> Report:
     """Check a forged wheel against what the pinned inputs give (see the module docstring).
 
     deep=False (build on its own output, `verify --quick`): no rebuild, and RECORD hashes only
@@ -198,6 +217,9 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
             raise _fail(filename, f"file name, dist-info {di} and METADATA disagree on the version")
         opts = read_options(zf, di, pins, filename)
     vpin = opts.vpin
+    if platform is not None and platform != vpin.platform:
+        raise ForgeError(f"verify {filename}: built for --platform {vpin.platform}, not {platform}",
+                         f"verify it with --platform {vpin.platform} (or without --platform)")
     target = fa_target(pins, vpin)
     patch_dir = resolve_series(filename, opts, target, fa_patch_dir)
     _name_checks(filename, opts, target, tags, report)
@@ -206,7 +228,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     if deep and use_base:
         base = find_base(vpin, base_wheel)
         if base is not None:
-            _rebuild_and_compare(path, filename, opts, base, patch_dir, report)
+            _rebuild_and_compare(path, filename, opts, base, patch_dir, report, user_patches)
             rebuilt = True
     if deep:
         report.level = "rebuild" if rebuilt else SELF_ONLY if use_base else "self-consistency only, --no-base"
@@ -229,7 +251,8 @@ def _name_checks(filename: str, opts: Options, target: FaTarget, tags: frozenset
     base file had): before anything else, so that a misnamed wheel is named as such."""
     vpin = opts.vpin
     series = series_hash([s for _, s in opts.patches]) if opts.patches else ""
-    expect = f"{vpin.version}+{version_label(target.short, opts.fa4_mode, opts.gemma4, series, opts.runtime)}"
+    label = version_label(target.short, opts.fa4_mode, opts.gemma4, series, opts.runtime, opts.user_hash)
+    expect = f"{vpin.version}+{label}"
     if report.version != expect:
         raise _fail(filename, f"version {report.version} does not match the pins and the stamp's options ({expect})")
     report.ok(f"version {report.version} matches pins (vLLM {vpin.version}, {vpin.plan}, "
@@ -263,7 +286,8 @@ def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins
         raise _fail(filename, f"RECORD does not list {missing[:3]} / lists absent {extra[:3]}")
     stack = load_stack(_layers(opts))
     adds = stack.adds()
-    overlaid = set(stack.paths) | set(adds) | ({RUNTIME_MODULE} if rt else set())
+    user_results = {str(p): str(h) for p, h in (opts.user or {}).get("results", {}).items()}
+    overlaid = set(stack.paths) | set(adds) | ({RUNTIME_MODULE} if rt else set()) | set(user_results)
     written = [n for n in members if n.startswith((di + "/", WHEEL_CUTE + "/")) or n in overlaid]
     for n in written:
         if n == record_name:
@@ -291,7 +315,14 @@ def _pinned_checks(zf: zipfile.ZipFile, di: str, path: Path, filename: str, pins
                   + (f" + {len(opts.patches)} patches" if opts.patches else "") + f", hash {got_tree[:12]} = {source}")
 
     # overlay: the results pinned in the overlay manifests, the adds = the tool's files
-    for p in stack.paths:
+    for p, want_sha in user_results.items():
+        got = hashlib.sha256(zf.read(p)).hexdigest() if p in zf.NameToInfo else "missing"
+        if got != want_sha:
+            raise _fail(filename, f"{p} (sha256 {got[:12]}) is not the result of your patches the stamp records")
+    if user_results:
+        report.ok(f"your patches (series {opts.user_hash}): {len(user_results)} file(s) as the stamp records"
+                  + ("" if rebuilt else "; a rebuild checks them"))
+    for p in (q for q in stack.paths if q not in user_results):
         got = hashlib.sha256(zf.read(p)).hexdigest() if p in zf.NameToInfo else "missing"
         if got not in stack.final_shas(p):
             raise _fail(filename, f"{p} (sha256 {got[:12]}) is not a result of overlay {' + '.join(stack.ids)}")
@@ -380,8 +411,33 @@ def _first_fa4_difference(pins: Pins, target: FaTarget, patch_dir: Path | None, 
     return ""
 
 
+def _user_dir(filename: str, opts: Options, given: Path | None, work: Path) -> Path | None:
+    """The user's patch series to rebuild with: --patches DIR (must be the stamp's), else the stamp's copy."""
+    if not opts.user:
+        if given is not None:
+            raise _fail(filename, "built without --patches, but verify was given --patches")
+        return None
+    if given is not None:
+        from .user_patches import load_user_series
+
+        mine = load_user_series(given).stamp()
+        if [(p["name"], p["sha256"]) for p in mine["patches"]] != [(p["name"], p["sha256"])
+                                                                   for p in opts.user["patches"]]:
+            raise _fail(filename, f"its patches differ from those in {given}")
+        return given
+    d = work / "user-patches"
+    d.mkdir()
+    for p in opts.user["patches"]:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(p["name"])) or p["name"] in ("series", "bases.json"):
+            raise _fail(filename, f"the stamp names a user patch {p['name']!r}")
+        (d / p["name"]).write_text(p["text"])
+    (d / "series").write_text("".join(f"{p['name']}\n" for p in opts.user["patches"]))
+    (d / "bases.json").write_text(json.dumps(opts.user["bases"]))
+    return d
+
+
 def _rebuild_and_compare(path: Path, filename: str, opts: Options, base: Path, patch_dir: Path | None,
-                         report: Report) -> None:
+                         report: Report, user_patches: Path | None = None) -> None:
     from . import __version__
     from .build import build
 
@@ -399,7 +455,8 @@ def _rebuild_and_compare(path: Path, filename: str, opts: Options, base: Path, p
             with contextlib.redirect_stderr(log):
                 result = build(opts.vpin.version, work / "out", base_wheel=base, fa_patch_dir=patch_dir,
                                fa4_mode=opts.fa4_mode, gemma4_fa4=opts.gemma4, allow_unvalidated=True,
-                               runtime=opts.runtime, epoch=opts.epoch)
+                               runtime=opts.runtime, epoch=opts.epoch, platform=opts.vpin.platform,
+                               user_patches=_user_dir(filename, opts, user_patches, work))
         except ForgeError as e:
             raise ForgeError(f"verify {filename}: cannot rebuild it from the pinned inputs: {e.what}",
                              e.hint) from None
