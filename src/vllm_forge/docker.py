@@ -28,7 +28,7 @@ from .assemble import forged_names
 from .errors import ForgeError
 from .fa4 import forged_label
 from .output import publish, staged_output
-from .pins import data_dir, load_pins
+from .pins import BaseImage, DockerBase, data_dir, load_pins
 from .verify import STAMP
 
 ENGINES = ("docker", "buildah", "podman")
@@ -40,6 +40,7 @@ class Rendered:
     wheel: str  # the forged wheel's file name
     base_wheel: str  # the upstream wheel's file name
     version: str  # the forged version, e.g. 0.19.1+fa4.bce2942
+    base: DockerBase  # the release's CUDA bases (pins.json docker.bases), the Dockerfile's defaults
 
 
 def render(version: str | None, out: Path) -> Rendered:
@@ -48,7 +49,8 @@ def render(version: str | None, out: Path) -> Rendered:
     names = forged_names(vpin.wheel, forged_label(pins, vpin))
     wheel = names.filename
     forged_version = wheel.split("-")[1]
-    builder, runtime = pins.docker_images
+    base = pins.docker_base(vpin)
+    builder, runtime = base.builder.ref, base.runtime.ref
     template = data_dir() / "docker" / "Dockerfile.in"
     try:
         text = template.read_text()
@@ -66,7 +68,22 @@ def render(version: str | None, out: Path) -> Rendered:
         staged = temp(".Dockerfile")
         staged.write_text(text)
         publish(staged, dockerfile)
-    return Rendered(dockerfile, wheel, vpin.wheel, forged_version)
+    return Rendered(dockerfile, wheel, vpin.wheel, forged_version, base)
+
+
+def base_choice(base: DockerBase, version: str, builder_image: str | None = None,
+                runtime_image: str | None = None) -> list[str]:
+    """Lines saying which base images the build uses, why, and which are pinned by tag only."""
+    lines = [f"base images for vLLM {version} on {base.platform}: CUDA {base.cuda} ({base.why})"]
+    for role, pinned, override, flag in (("builder", base.builder, builder_image, "--builder-image"),
+                                         ("runtime", base.runtime, runtime_image, "--runtime-image")):
+        if override:
+            chosen, whence = BaseImage(*override.split("@", 1)) if "@" in override else BaseImage(override, ""), flag
+        else:
+            chosen, whence = pinned, "pins.json docker.bases"
+        lines.append(f"  {role}: {chosen.ref} (from {whence})" + (
+            "" if chosen.digest else " -- unpinned: tag only, no digest known here; the registry may move it"))
+    return lines
 
 
 def engine_answers(name: str) -> bool:
@@ -183,6 +200,8 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
         print(f"FA4 kernel cache {fa4_cache}: {len(made['kernels'])} kernel(s) for {rendered.version}",
               file=sys.stderr)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
+    for line in base_choice(rendered.base, rendered.version, builder_image, runtime_image):
+        print(line, file=sys.stderr)
     if not build:
         return rendered.dockerfile
     chosen = pick_engine(engine)
