@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import __version__
+from . import __version__, provenance
 from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
@@ -156,8 +156,12 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
         man_tmp = temp(".json.part")
         man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
+        prov_tmp = temp(".json.part")
+        prov_tmp.write_bytes(provenance.render(provenance.statement(
+            forged.filename, manifest["output"]["sha256"], stamp, pins.fa.git_repository)))
         publish(tmp_wheel, final)
         publish(man_tmp, manifest_path)
+        publish(prov_tmp, provenance.statement_path(final))
     return final, manifest_path, report
 
 

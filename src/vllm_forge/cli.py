@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--index-url", help="package index simple API (default: pip's)")
     lk.add_argument("--newest", action="store_true",
                     help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
+    lk.add_argument("--dependencies-out", type=Path, help="also write the lock without the wheel (its own image layer)")
+    lk.add_argument("--sbom-out", type=Path, help="also write a CycloneDX JSON SBOM of the wheel and the lock")
 
     r = sub.add_parser("refresh", help="port the overlay of one pinned vLLM release to another (three-way merge)")
     r.add_argument("--from", dest="from_version", required=True, help="a release the overlay applies to")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             from .lock import lock
 
             out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
-            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest))
+            print(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest,
+                       args.dependencies_out, args.sbom_out))
         elif args.cmd == "refresh" and args.fa_series:
             from .refresh_fa import refresh_fa_series
 
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.wheel.is_file():
                 raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
             report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
+            from .provenance import check_wheel
+
+            report.checks += check_wheel(args.wheel)  # the in-toto statement beside it
             for check in report.checks:
                 print(f"ok: {check}")
             print(f"{report.wheel}: verified")
