@@ -213,7 +213,9 @@ def test_runtime_layers_by_change_rate(tmp_path: Path) -> None:
 def test_layer_table_from_buildah_inspect() -> None:
     info = {"OCIv1": {"rootfs": {"diff_ids": ["sha256:" + "1" * 64, "sha256:" + "2" * 64]},
                       "history": [{"created_by": "base"}, {"created_by": "/bin/sh -c #(nop) ENV A=1", "empty_layer": True},
-                                  {"created_by": "|2 PIP_INDEX_URL=x SOURCE_DATE_EPOCH=1 /bin/sh -c python3 -m venv /opt/vllm"}]},
+                                  {"created_by": "|2 PIP_INDEX_URL=x SOURCE_DATE_EPOCH=1 /bin/sh -c --mount=type=secret,"
+                                                 "id=ca-bundle --mount=type=cache,target=/c if [ -s /run/secrets/ca-bundle ]; "
+                                                 "then export A=1; fi && python3 -m venv /opt/vllm"}]},
             "Manifest": json.dumps({"layers": [{"size": 300_000_000}, {"size": 11_400_000_000}]})}
     layers = dk.parse_layers(info)
     assert [(la.size, la.created_by[:4]) for la in layers] == [(300_000_000, "base"), (11_400_000_000, "|2 P")]

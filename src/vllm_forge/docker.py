@@ -316,6 +316,8 @@ def layer_table(layers: list[Layer]) -> list[str]:
     for layer in layers:
         what = " ".join(layer.created_by.split())
         what = re.sub(r"^/bin/sh -c #\(nop\) |^\|\d+ .*?/bin/sh -c |^/bin/sh -c ", "", what)
+        what = re.sub(r"^(--mount=\S+ )+", "", what)  # RUN --mount=... flags: the command is what tells
+        what = re.sub(r"^if \[ -s /run/secrets/ca-bundle \]; then .*?; fi && ", "", what)
         lines.append(f"  {layer.diff_id[:19]}  {human(layer.size):>9}  {what[:90]}")
     return lines
 
