@@ -479,6 +479,13 @@ def test_lock_bad_arguments(tmp_path: Path, forged: BuildResult) -> None:
     assert "cannot run" in err and "--python" in err
     (tmp_path / "dir").mkdir()
     assert "is a directory" in one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "dir")))
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "l.txt"), "--sbom-out", str(tmp_path / "dir")))
+    assert "--sbom-out" in err and "is a directory" in err
+    (tmp_path / "f").write_text("x")
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "l.txt"),
+                            "--dependencies-out", str(tmp_path / "f" / "deps.txt")))
+    assert "the directory of --dependencies-out" in err and "exists and is not a directory" in err
+    (tmp_path / "f").unlink()
     assert listing(tmp_path) == ["dir"]
 
 
