@@ -32,8 +32,6 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_series import runtime_path  # the runtime directory + what its .pth files add
 
 PKG = "fa4check"
 CASES = ["512:64:causal", "512:64:full", "512:16:causal", "256:64:causal"]
@@ -120,11 +118,9 @@ def check(version: str, cases: list[str], runtime: Path | None = None,
         files = edit(dict(files))
     rt = install_runtime(specs, runtime)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / PKG / "vllm_flash_attn"
-        for rel, data in files.items():
-            out = root / "cute" / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(data.replace(b"vllm.vllm_flash_attn", f"{PKG}.vllm_flash_attn".encode()))
+        from vllm_forge.gpu.trees import runtime_path, write_renamed
+
+        root = write_renamed({f"cute/{rel}": data for rel, data in files.items()}, Path(tmp), PKG) / PKG / "vllm_flash_attn"
         for init in (root.parent / "__init__.py", root / "__init__.py"):
             init.write_text("")
         env = {**os.environ, "FLASH_ATTENTION_ARCH": "sm_90a", "CUTE_DSL_ARCH": "sm_90a",

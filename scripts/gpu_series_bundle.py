@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Prepare what scripts/gpu_series.py needs on the GPU machine (no network), under .device/series/.
+"""Prepare what `vllm-forge validate` needs on the GPU machine for every series (no network), under .device/series/.
 
   python scripts/gpu_series_bundle.py [--releases 0.20.0,0.22.0,...]
 
 For each release (default: the newest release of every FA cute tree that has a series, see
 patches/flash-attention/manifest.json), read through the tool's own verified mirror chain
 (the release wheel by HTTP range requests, tree-hash checked):
-  trees/<pin7>/before/vllm/vllm_flash_attn/   the release's __init__.py, flash_attn_interface.py and cute/
-  trees/<pin7>/after/vllm/vllm_flash_attn/    the same with the pin's series applied (what `build` ships)
+  stock-<pin7>.zip   the release's vllm/vllm_flash_attn/ (__init__.py, flash_attn_interface.py, cute/)
+  forged-<pin7>.zip  the same with the pin's series applied (what `build` ships) and the stamp `build`
+                     writes (vllm-<version>.dist-info/vllm_forge.json): `validate --wheel` / `--stock-wheel`
+                     read these as they read the wheels, tree hash checked
 and that release's FA4 runtime packages, resolved by pip from its requirements/cuda.txt lines
 (pins.json `fa4_requires`) — cutlass-dsl, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext, einops:
   wheels/                 their wheels, as downloaded (plan.json: each set's wheels in install order)
   batchNN/                the carry of one device call each (<= 58 MiB): pieces `<file>.<offset>`, larger
                           wheels split; compressing them again costs more time than the extra calls
-  trees.tar.xz + plan.json; batch00/SHA256SUMS (of every whole file: the GPU machine checks them)
+  plan.json; batch00/SHA256SUMS (of every whole file: the GPU machine checks them)
+scripts/gpu_series_device.py runs `vllm-forge validate` on each there.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import zipfile
 from functools import cache
 from pathlib import Path
 
-from gpu_bundle import tar_xz  # the GPU-proof bundle's packer (same directory)
 from gpu_carry import write_batches
 from packaging.utils import canonicalize_name
 
@@ -36,6 +38,7 @@ from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
 from vllm_forge.fetch import Index
 from vllm_forge.pins import load_pins
 from vllm_forge.series import read_manifest, series_for
+from vllm_forge.verify import STAMP
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".device" / "series"
@@ -96,7 +99,7 @@ def main() -> int:
     releases = args.releases.split(",") if args.releases else default_releases()
     OUT.mkdir(parents=True, exist_ok=True)
     plan: dict[str, dict[str, object]] = {}
-    trees: dict[str, bytes] = {}
+    zips: list[Path] = []
     runtimes: dict[str, list[str]] = {}
     for v in releases:
         vp = pins.for_version(v)
@@ -123,11 +126,19 @@ def main() -> int:
             before = get_fa4_sources(target, Path(tmp) / "b", index, pins.index_project, patch_dir=Path(tmp) / "none")
             after = get_fa4_sources(target, Path(tmp) / "a", index, pins.index_project, patch_dir=series.dir)
         plan[target.short]["after_tree_sha256"] = after.tree_sha256
-        for side, src in (("before", before), ("after", after)):
-            for n, data in own.items():
-                trees[f"trees/{target.short}/{side}/{n}"] = data
-            for rel, data in src.files.items():
-                trees[f"trees/{target.short}/{side}/{WHEEL_CUTE}/{rel}"] = data
+        stamp = {"vllm": {"version": v}, "plan": vp.plan, "flash_attention": {
+            "commit": target.commit, "pin_tree_sha256": target.cute_tree_sha256, "tree_sha256": after.tree_sha256,
+            "patches": [{"name": p.name, "sha256": p.sha256} for p in after.patches]}}
+        for side, src in (("stock", before), ("forged", after)):
+            zips.append(OUT / f"{side}-{target.short}.zip")
+            with zipfile.ZipFile(zips[-1], "w", zipfile.ZIP_DEFLATED) as zf:
+                for n, data in sorted(own.items()):
+                    zf.writestr(zipfile.ZipInfo(n, (1980, 1, 1, 0, 0, 0)), data)
+                for rel, data in sorted(src.files.items()):
+                    zf.writestr(zipfile.ZipInfo(f"{WHEEL_CUTE}/{rel}", (1980, 1, 1, 0, 0, 0)), data)
+                if side == "forged":
+                    zf.writestr(zipfile.ZipInfo(f"vllm-{v}.dist-info/{STAMP}", (1980, 1, 1, 0, 0, 0)),
+                                json.dumps(stamp, indent=1, sort_keys=True))
     wheels = OUT / "wheels"
     wheels.mkdir(exist_ok=True)
     sets = {name: download(specs, wheels) for name, specs in runtimes.items()}
@@ -136,9 +147,8 @@ def main() -> int:
     if args.runtime_only:
         return 0
     (OUT / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
-    tar_xz(OUT / "trees.tar.xz", trees)
-    # carry batches: plan + trees + the small wheels first, then each set's large wheels
-    order = [OUT / "plan.json", OUT / "trees.tar.xz"]
+    # carry batches: plan + the trees + the small wheels first, then each set's large wheels
+    order = [OUT / "plan.json", *zips]
     every = [w for name in sets for w in sets[name]]
     by_size = sorted(dict.fromkeys(every), key=lambda w: (wheels / w).stat().st_size > 16 << 20)
     order += [wheels / w for w in by_size]

@@ -19,6 +19,12 @@ from vllm_forge.pins import Pins, load_pins
 index = cache(lambda: Index())
 
 
+@pytest.fixture(autouse=True)
+def _own_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads or writes the validation records of the machine's user (build's gate reads them)."""
+    monkeypatch.setenv("VLLM_FORGE_USER_DATA_DIR", str(tmp_path_factory.mktemp("user-data")))
+
+
 @pytest.fixture(scope="session")
 def pins() -> Pins:
     return load_pins()
@@ -61,7 +67,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--forge-vllm", default="0.19.1", help="vLLM release the behaviour tests forge and import")
     parser.addoption("--forge-fa4", default="bundled", help="--fa4 mode of the wheel the behaviour tests import")
-    parser.addoption("--forge-gemma4", action="store_true", help="the behaviour tests import a --gemma4-fa4 wheel")
 
 
 @pytest.fixture(scope="session")
@@ -72,11 +77,10 @@ def forged(tmp_path_factory: pytest.TempPathFactory, base_wheel: Path) -> BuildR
 @pytest.fixture(scope="session")
 def forged_for_behaviour(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
     version, mode = request.config.getoption("--forge-vllm"), request.config.getoption("--forge-fa4")
-    gemma4 = request.config.getoption("--forge-gemma4")
-    if (version, mode, gemma4) == ("0.19.1", "bundled", False):
+    if (version, mode) == ("0.19.1", "bundled"):
         return request.getfixturevalue("forged")  # type: ignore[no-any-return]
     real_wheel(version)
-    return build(version, tmp_path_factory.mktemp(f"forged-{version}-{mode}"), fa4_mode=mode, gemma4_fa4=gemma4)
+    return build(version, tmp_path_factory.mktemp(f"forged-{version}-{mode}"), fa4_mode=mode)
 
 
 DATA_ITEMS = ("CMakeLists.txt", "pins.json", "cmake", "patches", "vllm_overlay", "docker")  # as installed

@@ -22,7 +22,7 @@ def test_render_and_lint(tmp_path: Path, pins: Pins) -> None:
     r = run_cli("docker", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "Dockerfile").read_text()
-    wheel = "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
+    wheel = "vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4-cp38-abi3-manylinux_2_31_x86_64.whl"
     assert "vllm-forge build --vllm 0.19.1 --out /dist" in text
     assert f"/dist/{wheel}" in text and "--base-wheel /wheels/vllm-0.19.1-cp38-abi3-manylinux_2_31_x86_64.whl" in text
     assert "--require-hashes" in text and "\nSHELL " not in text  # OCI format: no SHELL field
@@ -30,7 +30,7 @@ def test_render_and_lint(tmp_path: Path, pins: Pins) -> None:
     assert "ARG RUNTIME_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04\n" in text
     assert "CUDA 12.9.1" in r.stderr and "-- unpinned: tag only" in r.stderr
     assert "FROM ${BUILDER_IMAGE} AS builder" in text and "FROM ${RUNTIME_IMAGE} AS runtime" in text
-    assert 'org.opencontainers.image.version="0.19.1+fa4.bce2942.p952cdd5"' in text
+    assert 'org.opencontainers.image.version="0.19.1+fa4.bce2942.p952cdd5.gemma4"' in text
     assert 'io.vllm-forge.wheel.sha256="${FORGED_WHEEL_SHA256}"' in text
     assert f'io.vllm-forge.manifest="/dist/{wheel[:-4]}.manifest.json"' in text
     assert "@" not in "".join(ln.replace("$@", "") for ln in text.splitlines() if not ln.startswith("#"))

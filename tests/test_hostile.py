@@ -28,7 +28,7 @@ from vllm_forge.fa4 import CUTE, get_fa4_sources
 from vllm_forge.fetch import Index, cached_download
 from vllm_forge.pins import Pins, data_dir
 
-WHEEL_NAME = "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
+WHEEL_NAME = "vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4-cp38-abi3-manylinux_2_31_x86_64.whl"
 NO_GITHUB = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "url.http://127.0.0.1:9/.insteadOf",
              "GIT_CONFIG_VALUE_0": "https://github.com/", "VLLM_FLASH_ATTN_SRC_DIR": ""}
 
@@ -464,7 +464,7 @@ def test_verify_bad_arguments(tmp_path: Path) -> None:
     assert "does not exist" in one_error(run_cli("verify", str(tmp_path / "nope.whl")))
     (tmp_path / "d.whl").mkdir()
     assert "does not exist" in one_error(run_cli("verify", str(tmp_path / "d.whl")))
-    junk = tmp_path / "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
+    junk = tmp_path / "vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4-cp38-abi3-manylinux_2_31_x86_64.whl"
     junk.write_bytes(b"not a zip")
     one_error(run_cli("verify", str(junk)))
     with zipfile.ZipFile(junk, "w") as zf:

@@ -1,5 +1,5 @@
 """`vllm-forge fa4-cache` and the kernel cache in the image: what can be checked without a GPU (the
-GPU run is scripts/gpu_e2e.py `prebuilt` / `forged-prebuilt` / `forged-keymiss`, docs/e2e.md)."""
+GPU runs of docs/e2e.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from vllm_forge.kernel_cache_child import MANIFEST, Refusal, kernels, layer_over
 def test_layer_overrides_keep_every_layer_type() -> None:
     from transformers import Gemma4Config, Gemma4TextConfig
 
-    shape = json.loads((Path(__file__).parents[1] / "scripts" / "data" / "gemma4-31b-shape.json").read_text())
+    from vllm_forge.gpu.bench import SHAPE
+
+    shape = json.loads(SHAPE.read_text())
     kw = {k: v for k, v in shape.items() if not k.startswith("_") and k != "sliding_window_pattern"}
     types_ = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(60)]
     text = Gemma4TextConfig(num_hidden_layers=60, layer_types=types_, **kw)

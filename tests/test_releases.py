@@ -54,14 +54,16 @@ def test_series_manifest_keys_are_the_pins_trees() -> None:
 @pytest.mark.parametrize("version", ["0.22.1", "0.25.1"])
 def test_tune_build_keeps_the_release_and_its_requirements(version: str, tmp_path: Path) -> None:
     """Two tune releases on different FA pins: only cute/ changes (the release's own pin + its
-    series), Requires-Dist stays the release's, verify passes."""
+    series), the runtime layer is added and, where the release forces TRITON_ATTN for Gemma-4
+    (0.22.1, not 0.25.1), config.py gets the gemma4-fa4 layer; Requires-Dist stays the release's."""
     base = real_wheel(version)
     pins = load_pins()
     vp = pins.vllm[version]
     series = series_for(vp.cute_tree_sha256)
     assert series is not None and not series.validated(), "the shipped series of this pin is GPU-validated"
     result = build(version, tmp_path)
-    assert result.wheel.name.startswith(f"vllm-{version}+fa4.{vp.fa_short}.p{series.hash}-")
+    gemma4 = version == "0.22.1"
+    assert result.wheel.name.startswith(f"vllm-{version}+fa4.{vp.fa_short}.p{series.hash}{'.gemma4' * gemma4}-")
     verify_wheel(result.wheel, deep=True)
     with zipfile.ZipFile(base) as zb, zipfile.ZipFile(result.wheel) as zf:
         bdi = next(n.split("/")[0] for n in zb.namelist() if n.endswith(".dist-info/METADATA"))
@@ -75,8 +77,8 @@ def test_tune_build_keeps_the_release_and_its_requirements(version: str, tmp_pat
         assert tree_sha256(zip_tree(zf, WHEEL_CUTE)) == stamp["flash_attention"]["tree_sha256"] != vp.cute_tree_sha256
         changed = {n for n in zf.namelist() if not n.startswith((WHEEL_CUTE, fdi))
                    and (n not in zb.namelist() or zf.read(n) != zb.read(n))}
-        # outside FA4 and dist-info, only the runtime layer is added (byte for byte ours)
-        assert changed == {RUNTIME_MODULE}
+        # outside FA4 and dist-info, only the runtime layer is added (byte for byte ours), and the Gemma-4 layer
+        assert changed == {RUNTIME_MODULE} | ({"vllm/model_executor/models/config.py"} if gemma4 else set())
         assert zf.read(RUNTIME_MODULE) == runtime_source()
 
 
@@ -107,7 +109,8 @@ def test_unvalidated_series_refused(tmp_path: Path) -> None:
     r = run_cli("build", "--vllm", "0.22.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2, r.stderr
     assert ("vllm-forge: error: the flash-attention series bce2942 for vLLM 0.22.1's FA pin bce2942 is not "
-            "GPU-validated: it has no GPU validation record -- validate it") in r.stderr
+            "GPU-validated: it has no GPU validation record; no passed `vllm-forge validate` record for it on "
+            "sm90 in ") in r.stderr and "-- run `vllm-forge validate`" in r.stderr
     assert not (tmp_path / "out").exists()
     # a validation of another revision of the series does not count either
     manifest["series"][tree]["validation"] = {"passed": True, "series": "0000000"}
@@ -131,7 +134,7 @@ def test_another_series_never_gets_the_default_name(tmp_path: Path) -> None:
     pin_only = build("0.22.1", tmp_path / "c", fa_patch_dir=none)
     names = {default.wheel.name, other.wheel.name, pin_only.wheel.name}
     assert len(names) == 3, names
-    assert pin_only.wheel.name.startswith("vllm-0.22.1+fa4.bce2942-")
+    assert pin_only.wheel.name.startswith("vllm-0.22.1+fa4.bce2942.gemma4-")
     verify_wheel(other.wheel, fa_patch_dir=custom)
 
 
@@ -189,14 +192,14 @@ def test_refresh_fa_series_refuses_existing_and_unknown(data_copy: Path) -> None
 
 def test_kernel_records_are_what_the_gpu_logs_say(tmp_path: Path) -> None:
     """Each series' `validation.kernel` (the head-512 timing and the releases issue's goals) is exactly
-    what scripts/gpu_hd512.py's `record` makes of the committed GPU output: no number in the manifest
+    what scripts/series_records.py's `kernel` makes of the committed GPU output: no number in the manifest
     that the logs do not carry."""
     import importlib.util
 
     from vllm_forge.series import read_manifest, series_root
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("gpu_hd512", root / "scripts" / "gpu_hd512.py")
+    spec = importlib.util.spec_from_file_location("series_records", root / "scripts" / "series_records.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

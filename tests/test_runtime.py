@@ -4,10 +4,16 @@ decisions, and its presence in a real forged wheel."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from vllm_forge.runtime import add_entry_point, has_entry_point
+
+from conftest import real_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("_forge_runtime", REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py")
@@ -15,13 +21,76 @@ rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)  # type: ignore[union-attr]
 
 
-def test_page64_block_size_gemma4_layout() -> None:
-    # Gemma-4-31B: sliding head 256 x 16 kv heads, global head 512 x 4 kv heads (bytes per token, K+V bf16)
-    per_token = {"sliding": 2 * 16 * 256 * 2, "global": 2 * 4 * 512 * 2}
-    assert rt.page64_block_size(per_token, {"global"}) == 32
-    assert rt.page64_block_size({"global": 8192}, {"global"}) == 64
-    assert rt.page64_block_size({"s": 8 * 8192, "global": 8192}, {"global"}) is None  # would need 8
-    assert rt.page64_block_size(per_token, set()) is None
+def test_page64_block_size_takes_the_smallest_that_gives_64() -> None:
+    assert rt.page64_block_size(lambda b: {"global": 2 * b}) == 32
+    assert rt.page64_block_size(lambda b: {"global": b if b >= 64 else 32}) == 64
+    assert rt.page64_block_size(lambda b: {"a": 2 * b, "b": b}) is None  # two page sizes: never both 64
+    assert rt.page64_block_size(lambda b: None) is None                  # vLLM cannot lay it out
+
+
+# Gemma-4-31B's layers through a release's own Attention.get_kv_cache_spec and page-size unification:
+# 5 sliding (16 kv heads x 256, window 1024) per global (4 kv heads x 512), bf16, FLASH_ATTN.
+PAGES_PROBE = r"""
+import sys, types, importlib.util
+site, runtime = sys.argv[1], sys.argv[2]
+sys.path.insert(0, site)
+import torch
+import vllm.platforms as platforms
+from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+class FakeGpu(Platform):
+    _enum = PlatformEnum.CUDA
+    device_name = device_type = "cuda"
+    dispatch_key = "CUDA"
+
+    @classmethod
+    def get_device_capability(cls, device_id=0):
+        return DeviceCapability(9, 0)
+
+platforms._current_platform = FakeGpu()
+for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
+    sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+spec = importlib.util.spec_from_file_location("_forge_runtime", runtime)
+rt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rt)
+
+def layer(kv_heads, head, window):
+    self = types.SimpleNamespace(attn_type=AttentionType.DECODER, sliding_window=window, num_kv_heads=kv_heads,
+                                 head_size=head, head_size_v=head, kv_cache_torch_dtype=torch.bfloat16,
+                                 kv_cache_dtype="auto", attn_backend=FlashAttentionBackend)
+    self.get_kv_cache_spec = types.MethodType(Attention.get_kv_cache_spec, self)
+    return self
+
+cfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=16, skip_page_size_padded=None),
+                            model_config=types.SimpleNamespace(use_mla=False))
+layers = {f"sliding.{i}": layer(16, 256, 1024) for i in range(5)} | {"global": layer(4, 512, None)}
+pages, how = rt._pages(cfg, layers, {"global"})
+print(how)
+print(pages(16)["global"], rt.page64_block_size(pages))
+"""
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("version, default_page, block", [("0.22.1", 32, 32), ("0.25.1", 32, 64)])
+def test_page64_block_size_by_each_release_own_layout(version: str, default_page: int, block: int,
+                                                       tmp_path: Path) -> None:
+    """0.22.x: every layer on the block size, so 32 gives the global layers 64-token pages; 0.25.x:
+    sliding-window layers take their own 16-token blocks, so only 64 does (32 left them on 32-token
+    pages, the slow path, while the log said otherwise)."""
+    with zipfile.ZipFile(real_wheel(version)) as zf:
+        zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")])
+    probe = tmp_path / "probe.py"
+    probe.write_text(PAGES_PROBE)
+    run = subprocess.run([sys.executable, str(probe), str(tmp_path), str(REPO / "vllm_overlay" / "runtime" /
+                                                                           "_forge_runtime.py")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    how, result = run.stdout.strip().splitlines()[-2:]
+    assert how == "vLLM's own KV cache specs, unified"
+    assert result.split() == [str(default_page), str(block)]
 
 
 def test_cache_key_changes_with_gpu_and_torch() -> None:

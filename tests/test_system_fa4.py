@@ -52,7 +52,7 @@ def test_fa4_wheel_with_patches_has_its_own_version(tmp_path: Path, fa_upstream:
 @pytest.mark.parametrize("mode", ["system", "both"])
 def test_vllm_wheel_modes(tmp_path: Path, mode: str) -> None:
     result = build("0.19.1", tmp_path, fa4_mode=mode)
-    assert f"+fa4.bce2942.p952cdd5.{mode}-" in result.wheel.name
+    assert f"+fa4.bce2942.p952cdd5.{mode}.gemma4-" in result.wheel.name
     verify_wheel(result.wheel, deep=False)
     with zipfile.ZipFile(result.wheel) as zf:
         names = zf.namelist()
@@ -67,7 +67,7 @@ def test_vllm_wheel_modes(tmp_path: Path, mode: str) -> None:
     else:
         assert len(bundled) == 48 and "flash-attn-4" not in meta
     m = json.loads(result.manifest.read_text())
-    assert m["fa4_mode"] == mode and m["overlay"]["layers"] == ["fa4-sm90-hd512", "system-fa4"]
+    assert m["fa4_mode"] == mode and m["overlay"]["layers"] == ["fa4-sm90-hd512", "system-fa4", "gemma4-fa4"]
 
 
 def test_system_layer_refuses_0_18_1_clearly(tmp_path: Path) -> None:

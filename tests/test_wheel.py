@@ -19,14 +19,15 @@ OVERLAID = (
     "vllm/v1/attention/backends/flash_attn.py",
     "vllm/vllm_flash_attn/flash_attn_interface.py",
 )
+GEMMA4 = "vllm/model_executor/models/config.py"  # the gemma4-fa4 layer, on by default for 0.19.x
 
 
 def test_name_version_and_tags(forged: BuildResult, base_wheel: Path, pins: Pins) -> None:
-    assert forged.wheel.name == "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
+    assert forged.wheel.name == "vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4-cp38-abi3-manylinux_2_31_x86_64.whl"
     with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
-        meta = out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/METADATA").decode()
-        assert "\nVersion: 0.19.1+fa4.bce2942.p952cdd5\n" in meta
-        assert out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/WHEEL") == base.read("vllm-0.19.1.dist-info/WHEEL")
+        meta = out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4.dist-info/METADATA").decode()
+        assert "\nVersion: 0.19.1+fa4.bce2942.p952cdd5.gemma4\n" in meta
+        assert out.read("vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4.dist-info/WHEEL") == base.read("vllm-0.19.1.dist-info/WHEEL")
         assert not [n for n in out.namelist() if n.startswith("vllm-0.19.1.dist-info/")]
         reqs = [ln for ln in meta.split("\n\n")[0].splitlines() if ln.startswith("Requires-Dist:")]
         assert "Requires-Dist: quack-kernels>=0.2.7,>=0.4.0" in reqs  # merged with 0.19.1's own
@@ -62,13 +63,14 @@ def test_unchanged_members_are_bit_identical(forged: BuildResult, base_wheel: Pa
     with zipfile.ZipFile(forged.wheel) as out, zipfile.ZipFile(base_wheel) as base:
         outinfo = {i.filename: i for i in out.infolist()}
         dropped = ("vllm-0.19.1.dist-info/", WHEEL_CUTE + "/")
-        kept = [i for i in base.infolist() if not i.filename.startswith(dropped) and i.filename not in OVERLAID]
+        kept = [i for i in base.infolist() if not i.filename.startswith(dropped)
+                and i.filename not in (*OVERLAID, GEMMA4)]
         assert len(kept) > 2000
         for i in kept:
             o = outinfo[i.filename]
             assert (o.CRC, o.compress_size, o.file_size, o.compress_type, o.date_time) == \
                 (i.CRC, i.compress_size, i.file_size, i.compress_type, i.date_time), i.filename
-        for p in OVERLAID:
+        for p in (*OVERLAID, GEMMA4):
             assert out.read(p) != base.read(p)
 
 
@@ -90,8 +92,8 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["inputs"]["base_wheel"]["mirror"]
     assert m["inputs"]["flash_attention"]["tree_sha256"] == pins.fa.cute_tree_sha256
     assert m["inputs"]["flash_attention"]["mirror"]
-    assert m["overlay"]["layers"] == ["fa4-sm90-hd512"] and m["fa4_mode"] == "bundled"
-    assert len(m["overlay"]["files"]) == 3 and m["overlay"]["adds"] == {}
+    assert m["overlay"]["layers"] == ["fa4-sm90-hd512", "gemma4-fa4"] and m["fa4_mode"] == "bundled"
+    assert len(m["overlay"]["files"]) == 4 and m["overlay"]["adds"] == {}
     assert [(p["name"], p["sha256"]) for p in m["flash_attention"]["patches"]] == \
         [(n, h) for n, h, _ in default_fa_series()]
     with zipfile.ZipFile(forged.wheel) as out:
@@ -101,7 +103,7 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
     assert m["tool"].startswith("vllm-forge ")
     assert isinstance(m["source_date_epoch"], int)
     with zipfile.ZipFile(forged.wheel) as out:
-        stamp = json.loads(out.read(f"vllm-0.19.1+fa4.bce2942.p952cdd5.dist-info/{STAMP}"))
+        stamp = json.loads(out.read(f"vllm-0.19.1+fa4.bce2942.p952cdd5.gemma4.dist-info/{STAMP}"))
     assert stamp["overlay"] == m["overlay"] and "mirror" not in json.dumps(stamp)
 
 

@@ -177,7 +177,7 @@ def assemble(base: Path, out_tmp: Path, *, label: str,
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
         ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
         keep = [(i, e) for i, e in zip(infos, ends, strict=True)
-                if not i.filename.startswith((di + "/",) + drop_prefixes) and i.filename not in replace]
+                if not i.filename.startswith((di + "/", *drop_prefixes)) and i.filename not in replace]
         records: list[RecordEntry] = []
         total = sum(e - i.header_offset for i, e in keep)
         progress = Progress(f"repacking {base.name}", total)

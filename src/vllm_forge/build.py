@@ -19,11 +19,12 @@ from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
 from .fetch import Index, cache_dir, check_digest, evict, sha256_file
 from .output import check_output_dir, publish, source_date_epoch, staged_output
-from .overlay import Stack, load_stack, sha256
+from .overlay import Stack, gemma4_fa4_for, load_stack, sha256
+from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .runtime import MODULE as RUNTIME_MODULE
 from .runtime import add_entry_point, runtime_source, runtime_stamp
-from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
 from .series import series_for, series_hash
+from .validation import accepted, check_device_class, user_data_dir
 from .verify import STAMP, Report, verify_wheel
 
 
@@ -35,16 +36,19 @@ class BuildResult:
 
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
-          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool = False,
-          allow_unvalidated: bool = False, runtime: bool = True) -> BuildResult:
+          fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None,
+          allow_unvalidated: bool = False, runtime: bool = True, device_class: str = "sm90") -> BuildResult:
+    """gemma4_fa4: None = the release's default (on where it forces TRITON_ATTN for Gemma-4)."""
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if fa4_mode not in FA4_MODES:
         raise ForgeError(f"unknown --fa4 mode {fa4_mode!r}", f"use one of {', '.join(FA4_MODES)}")
+    check_device_class(device_class)
+    gemma4_fa4 = gemma4_fa4_for(vpin.version, gemma4_fa4)
     if vpin.plan == "tune":
-        check_tune(pins, vpin, fa_patch_dir, fa4_mode, gemma4_fa4, allow_unvalidated)
-    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4) if vpin.plan == "backport" else [])
+        check_tune(pins, vpin, fa_patch_dir, fa4_mode, allow_unvalidated, device_class)
+    stack = load_stack(layers_for(vpin.overlay if vpin.plan == "backport" else "", fa4_mode, gemma4_fa4))
     check_output_dir(out_dir)  # before a 433 MB download
     index = cache(lambda: Index(index_url))
     project = pins.index_project
@@ -165,11 +169,13 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
     return final, manifest_path, report
 
 
-def check_tune(pins: Pins, vpin: VllmPin, fa_patch_dir: Path | None, fa4_mode: str, gemma4_fa4: bool,
-               allow_unvalidated: bool) -> None:
-    """A `tune` build: the release's own FA pin + that pin's series, shipped only GPU-validated."""
-    if fa4_mode != "bundled" or gemma4_fa4:
-        raise ForgeError(f"--fa4 {fa4_mode}{' --gemma4-fa4' if gemma4_fa4 else ''} is a backport layer: "
+def check_tune(pins: Pins, vpin: VllmPin, fa_patch_dir: Path | None, fa4_mode: str,
+               allow_unvalidated: bool, device_class: str = "sm90") -> None:
+    """A `tune` build: the release's own FA pin + that pin's series, shipped only GPU-validated: by the
+    tool's manifest record, or by a passed `vllm-forge validate` record in the user data directory
+    for this series on `device_class`."""
+    if fa4_mode != "bundled":
+        raise ForgeError(f"--fa4 {fa4_mode} is a backport layer: "
                          f"vLLM {vpin.version} (tune) has no such layer",
                          "build it without those options; vLLM carries PR #38835 itself")
     if fa_patch_dir is not None:
@@ -181,10 +187,17 @@ def check_tune(pins: Pins, vpin: VllmPin, fa_patch_dir: Path | None, fa4_mode: s
                          "port one with `vllm-forge refresh --fa-series --from 0.22.0 --to "
                          f"{vpin.version}`, or pass --fa-patches")
     why = series.validated()
+    if why:
+        local = accepted(vpin.cute_tree_sha256, series.hash, device_class)
+        if local is not None:
+            print(f"  series {series.dir.name} ({series.hash}) validated on {local.describe()}", file=sys.stderr)
+            return
+        why += f"; no passed `vllm-forge validate` record for it on {device_class} in {user_data_dir()}"
     if why and not allow_unvalidated:
         raise ForgeError(f"the flash-attention series {series.dir.name} for vLLM {vpin.version}'s FA pin "
                          f"{vpin.fa_short} is not GPU-validated: {why}",
-                         "validate it on an H100 (scripts/gpu_series.py) or pass --allow-unvalidated")
+                         f"run `vllm-forge validate` with a --allow-unvalidated build of it on an {device_class} "
+                         "GPU, or pass --allow-unvalidated")
     if why:
         print(f"  warning: shipping series {series.dir.name} unvalidated ({why}): --allow-unvalidated",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`vllm-forge build` and `vllm-forge verify`."""
+"""`vllm-forge build` and `vllm-forge verify`; on a GPU machine `vllm-forge validate` and `vllm-forge bench`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,40 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 
 
+def _gpu_import_error(e: ImportError) -> ForgeError:
+    return ForgeError(f"vllm-forge's own dependencies are incomplete here: {e}",
+                      "install vllm-forge with its dependencies (packaging, installer, GitPython; without a git "
+                      "executable set GIT_PYTHON_REFRESH=quiet)")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        from .gpu.validate import ValidateRequest, validate
+        from .series import series_hash  # noqa: F401 - GitPython, needed for the record's key
+        from .verify import STAMP  # noqa: F401 - installer, needed to read the wheel's stamp
+    except ImportError as e:
+        raise _gpu_import_error(e) from None
+
+    return validate(ValidateRequest(args.vllm, args.wheel, args.stock_wheel, tuple(args.path), args.out,
+                                    args.index_url, args.rounds, args.only, args.record))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .gpu import bench as b
+
+    if args.report:
+        print(b.report_paths(args.report), end="")
+        return 0
+    if args.out is None:
+        raise ForgeError("bench needs --out", "give a directory for the results (or --report FILES)")
+    configs = tuple(b.parse_config(c) for c in (args.config or b.DEFAULT_CONFIGS))
+    paths = {s: p for s, p in (("stock", args.stock_path), ("forged", args.forged_path)) if p is not None}
+    return b.bench(b.BenchRequest(
+        paths, tuple(args.site), args.out, configs, b.parse_lens(args.prompt_lens), args.prefill_tokens,
+        tuple(b.parse_decode(d) for d in (args.decode or ["64x1024x256", "16x32768x256"])), args.layers,
+        args.vocab, args.profile, args.hf_reference, args.timeout, args.work, args.python or sys.executable))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vllm-forge", description=__doc__)
     ap.add_argument("--version", action="version", version=f"vllm-forge {__version__}")
@@ -42,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mode", choices=("overlay", "source"), default="overlay",
                    help="overlay: patch the upstream wheel (default); source: prepare the sdist for vLLM's CUDA build")
     b.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for --mode source (default 9.0a)")
-    b.add_argument("--gemma4-fa4", action="store_true",
-                   help="on SM90 with FA4, run every layer of Gemma4 models on FLASH_ATTN + FA4 (opt-in)")
+    b.add_argument("--gemma4-fa4", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gemma-4 on SM90 with FA4: FLASH_ATTN + FA4 for every layer where the release forces "
+                        "TRITON_ATTN (0.19.0-0.23.0: on by default; --no-gemma4-fa4 keeps the release's choice; "
+                        "at run time VLLM_FORGE_GEMMA4_FA4=0 does too)")
     b.add_argument("--allow-unvalidated", action="store_true",
                    help="tune releases: ship a flash-attention series that has no GPU validation record")
     b.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the runtime layer (FA4 kernel cache, start-up compile, 64-token pages "
                         "for head > 256 on SM90); the version label gets .nort")
+    b.add_argument("--device-class", default="sm90",
+                   help="tune releases: the GPUs the wheel is for; a `validate` record of the series on this "
+                        "class in the user data directory admits it (default sm90)")
 
     v = sub.add_parser("verify", help="static checks of a forged wheel")
     v.add_argument("wheel", type=Path)
@@ -115,11 +154,57 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--conflicts", type=Path, help="with --fa-series: leave merged files with conflict markers here")
     r.add_argument("--index-url", help="package index simple API (default: pip's)")
 
+    va = sub.add_parser("validate", help="on a GPU: check the forged FA4 against float64 and time it against the "
+                        "release's stock FA4; records the validation for `build`'s gate")
+    va.add_argument("--vllm", help="the release the forged vLLM must be (default: whatever is installed / --wheel)")
+    va.add_argument("--wheel", type=Path, help="the forged wheel to check (default: the vLLM installed here)")
+    va.add_argument("--stock-wheel", type=Path, help="the release's own vLLM wheel (default: the download cache, "
+                    "else the index by range requests)")
+    va.add_argument("--path", type=Path, action="append", default=[],
+                    help="a pip --target directory to import from, first (FA4 runtime, vLLM); repeatable")
+    va.add_argument("--out", type=Path, default=Path("."), help="directory for the results JSON (default: .)")
+    va.add_argument("--index-url", help="package index simple API (default: pip's)")
+    va.add_argument("--rounds", type=int, default=4, help="A/B rounds per case, the order alternating (default 4)")
+    va.add_argument("--only", choices=("all", "checks", "ab"), default="all",
+                    help="a part only (no record is written): checks, or the A/B timing")
+    va.add_argument("--no-record", dest="record", action="store_false",
+                    help="do not write the record into the user data directory")
+    va.set_defaults(handler=_validate)
+
+    be = sub.add_parser("bench", help="on a GPU: vLLM's engine end to end (Gemma-4-31B shape, random weights), "
+                        "stock vs forged, each configuration in its own process")
+    be.add_argument("--stock-path", type=Path, help="directory with the stock vLLM (pip install --no-deps --target)")
+    be.add_argument("--forged-path", type=Path, help="directory with the forged vLLM (pip install --no-deps --target)")
+    be.add_argument("--site", type=Path, action="append", default=[],
+                    help="a directory of further packages (FA4 runtime, vLLM's dependencies), after the side's; "
+                         "repeatable")
+    be.add_argument("--out", type=Path, help="results directory: bench_<config>.json, logs, bench.md")
+    be.add_argument("--config", action="append",
+                    help="NAME=stock|forged[:vLLM ENGINE ARGS and VAR=VALUE], repeatable (default: "
+                         "stock and forged, both --attention-backend FLASH_ATTN)")
+    be.add_argument("--prompt-lens", default="8192,32768", help="prompt lengths for prefill tok/s and TTFT")
+    be.add_argument("--prefill-tokens", type=int, default=262144,
+                    help="tokens per prefill measurement (prompts = this / length, at least 1)")
+    be.add_argument("--decode", action="append", help="SEQSxCONTEXTxOUT, repeatable (default: 64x1024x256 and "
+                    "16x32768x256); greedy agreement is read on the first")
+    be.add_argument("--layers", type=int, default=6, help="model layers (the 5:1 sliding:global pattern kept)")
+    be.add_argument("--vocab", type=int, default=16384)
+    be.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch profiler step")
+    be.add_argument("--no-hf-reference", dest="hf_reference", action="store_false",
+                    help="skip transformers' own first tokens on the checkpoint")
+    be.add_argument("--timeout", type=int, default=1800, help="seconds per configuration (default 1800)")
+    be.add_argument("--work", type=Path, help="checkpoint and caches (default: OUT/work)")
+    be.add_argument("--python", help="interpreter for the configurations (default: this one)")
+    be.add_argument("--report", type=Path, nargs="+", help="only print the tables of saved results (files or dirs)")
+    be.set_defaults(handler=_bench)
+
     args = ap.parse_args(argv)
     # SIGTERM (a job scheduler, `timeout`, docker stop) unwinds like an interrupt: temp files go
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     try:
+        if args.cmd in ("validate", "bench"):
+            return int(args.handler(args))
         if args.cmd == "build":
             if args.mode == "source":
                 from .source import build_source
@@ -129,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             from .build import build
 
             result = build(args.vllm, args.out, args.base_wheel, args.fa_src, args.index_url, args.fa_patches,
-                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime)
+                           args.fa4, args.gemma4_fa4, args.allow_unvalidated, args.runtime, args.device_class)
             print(result.wheel)
         elif args.cmd == "build-fa4-wheel":
             from .fa4_wheel import build_fa4_wheel

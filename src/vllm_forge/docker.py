@@ -147,7 +147,7 @@ def engine_command(b: ImageBuild) -> list[str]:
         cmd += ["--build-context", f"{name}={path}"]
     for name, path in sorted(b.secrets.items()):
         cmd += ["--secret", f"id={name},src={path}"]
-    return cmd + [str(b.context)]
+    return [*cmd, str(b.context)]
 
 
 def git_provenance(context: Path) -> tuple[str, str, int | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import os
 import shutil
 import subprocess
@@ -81,11 +82,14 @@ def fa_target(pins: Pins, vpin: VllmPin, local_wheel: Path | None = None) -> FaT
     return FaTarget(vpin.flash_attention_commit, vpin.cute_tree_sha256, pins.fa.git_repository, mirror, local_wheel)
 
 
-def forged_label(pins: Pins, vpin: VllmPin, fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> str:
-    """The version label `build` gives vpin with its pin's default series."""
+def forged_label(pins: Pins, vpin: VllmPin, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None) -> str:
+    """The version label `build` gives vpin with its pin's default series (and default Gemma-4 layer)."""
+    from .overlay import gemma4_fa4_for
+
     target = fa_target(pins, vpin)
     series = series_for(target.cute_tree_sha256)
-    return version_label(target.short, fa4_mode, gemma4_fa4, series.hash if series else "")
+    return version_label(target.short, fa4_mode, gemma4_fa4_for(vpin.version, gemma4_fa4),
+                         series.hash if series else "")
 
 
 def default_patch_dir(target: FaTarget) -> Path | None:
@@ -225,7 +229,7 @@ def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) 
             members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
             if members:
                 ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
-                nxt = {a.header_offset: b.header_offset for a, b in zip(ends, ends[1:], strict=False)}
+                nxt = {a.header_offset: b.header_offset for a, b in itertools.pairwise(ends)}
                 start = min(i.header_offset for i in members)
                 end = max(nxt.get(i.header_offset, remote.size) for i in members)
                 remote.prefetch(start, end)

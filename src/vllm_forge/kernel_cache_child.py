@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> None:
     overrides = layer_overrides(config, args.layers)
     from vllm import LLM
 
-    kw: dict[str, Any] = dict(model=args.model, load_format="dummy", skip_tokenizer_init=True,
-                              enforce_eager=True, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              trust_remote_code=args.trust_remote_code)
+    kw: dict[str, Any] = {"model": args.model, "load_format": "dummy", "skip_tokenizer_init": True,
+                          "enforce_eager": True, "dtype": args.dtype,
+                          "tensor_parallel_size": args.tensor_parallel_size,
+                          "gpu_memory_utilization": args.gpu_memory_utilization,
+                          "trust_remote_code": args.trust_remote_code}
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
     for key in ("max_model_len", "block_size", "max_num_batched_tokens", "kv_cache_dtype"):

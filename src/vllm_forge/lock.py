@@ -15,6 +15,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from packaging.utils import canonicalize_name
 
@@ -24,7 +25,7 @@ from .output import check_output_dir, publish, staged_output
 from .pins import load_pins
 
 
-def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict]:
+def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """pip's installation report for `wheel` (all of it, nothing installed), under `constraints`."""
     with tempfile.TemporaryDirectory(prefix="vllm-forge-lock-") as tmp:
         report = Path(tmp) / "report.json"
@@ -44,11 +45,11 @@ def resolve(wheel: Path, python: str, pip_args: list[str], constraints: tuple[st
             tail = " | ".join(ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING"))[-600:]
             raise ForgeError(f"pip could not resolve {wheel.name}: {tail}",
                              "check the network/index (--index-url) and that pip >= 22.2 runs this")
-        items: list[dict] = json.loads(report.read_text())["install"]
+        items: list[dict[str, Any]] = json.loads(report.read_text())["install"]
     return items
 
 
-def lock_lines(wheel: Path, items: list[dict], wheel_ref: str) -> list[str]:
+def lock_lines(wheel: Path, items: list[dict[str, Any]], wheel_ref: str) -> list[str]:
     own = canonicalize_name(wheel.name.split("-")[0])
     lines, seen_own = [], False
     for item in sorted(items, key=lambda i: canonicalize_name(i["metadata"]["name"])):

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ForgeError
 from .fetch import safe_member_name
 from .patching import AppliedPatch, apply_patch
-from .pins import data_dir
+from .pins import GEMMA4_LAYER, data_dir
 
 PAGED_KV_REFUSAL = b"FA4 with paged KV is not supported on SM90"
 HEAD_512_ACCEPTED = b"head_size <= 512"
@@ -200,3 +200,32 @@ class Stack:
 
 def load_stack(ids: list[str], root: Path | None = None) -> Stack:
     return Stack([load_overlay(i, root) for i in ids])
+
+
+def made_for(overlay_id: str, root: Path | None = None) -> list[str]:
+    """The releases an overlay applies to: those whose base files the manifest records for it."""
+    manifest = read_manifest(root)
+    try:
+        paths = set(manifest["overlays"][overlay_id]["files"])
+        return sorted({v for b in manifest["bases"].values() if b["path"] in paths
+                       and overlay_id in b["results"] for v in b["seen_in"]},
+                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ForgeError(f"overlay {overlay_id!r} in {overlay_root(root) / 'manifest.json'} is malformed: "
+                         f"{type(e).__name__}: {e}", "fix the overlay manifest") from None
+
+
+def gemma4_fa4_for(version: str, requested: bool | None, root: Path | None = None) -> bool:
+    """Whether a forged wheel of `version` carries the Gemma-4 FA4 selection (GEMMA4_LAYER).
+
+    Default (requested None): exactly the releases whose own Gemma4Config forces TRITON_ATTN,
+    i.e. whose base file the layer's manifest entries were made from (0.19.0-0.23.0); False is
+    the user's opt-out (--no-gemma4-fa4); True on any other release is refused."""
+    releases = made_for(GEMMA4_LAYER, root)
+    if requested is None:
+        return version in releases
+    if requested and version not in releases:
+        raise ForgeError(f"--gemma4-fa4: vLLM {version} does not force TRITON_ATTN for Gemma-4; the layer is made "
+                         f"for the releases that do ({', '.join(releases)})",
+                         "build without --gemma4-fa4 (from 0.24.0 vLLM selects FA4 for Gemma-4 itself)")
+    return requested

@@ -70,7 +70,8 @@ def check_paths(patch: Path) -> list[str]:
         m = _PATH_LINE.match(line)
         g = _GIT_HEADER.match(line)
         if line.startswith(("new file mode 120000", "new mode 120000", "old mode 120000")):
-            raise ForgeError(f"patch {patch.name} makes a symbolic link", "refusing to apply it; patches change files only")
+            raise ForgeError(f"patch {patch.name} makes a symbolic link",
+                             "refusing to apply it; patches change files only")
         raws = [m.group(1)] if m else list(g.groups()) if g else []
         for raw in raws:
             path = _strip_path(raw)

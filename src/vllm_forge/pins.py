@@ -29,11 +29,13 @@ def data_dir() -> Path:
 
 FA4_MODES = ("bundled", "system", "both")
 SYSTEM_LAYER = "system-fa4"  # the overlay layered on top for --fa4 system|both
-GEMMA4_LAYER = "gemma4-fa4"  # the overlay layered on top for --gemma4-fa4
+GEMMA4_LAYER = "gemma4-fa4"  # Gemma-4 on FA4 where the release forces TRITON_ATTN (default; --no-gemma4-fa4)
 
 
 def layers_for(overlay: str, fa4_mode: str, gemma4_fa4: bool) -> list[str]:
-    return [overlay] + ([SYSTEM_LAYER] if fa4_mode != "bundled" else []) + ([GEMMA4_LAYER] if gemma4_fa4 else [])
+    """The overlay stack: the backport overlay (none for a tune release), system FA4, Gemma-4."""
+    return (([overlay] if overlay else []) + ([SYSTEM_LAYER] if fa4_mode != "bundled" else [])
+            + ([GEMMA4_LAYER] if gemma4_fa4 else []))
 
 
 PLANS = ("backport", "tune")

@@ -22,7 +22,7 @@ from . import __version__
 from .errors import ForgeError
 from .fetch import Index, cached_download, safe_member_name, sha256_file
 from .output import staged_output
-from .overlay import load_stack
+from .overlay import gemma4_fa4_for, load_stack
 from .patching import apply_series
 from .pins import data_dir, layers_for, load_pins
 
@@ -65,13 +65,13 @@ def _extract(sdist: Path, dest: Path) -> Path:
 
 
 def build_source(version: str | None, out_dir: Path, index_url: str | None = None, arch: str = "9.0a",
-                 fa4_mode: str = "bundled", gemma4_fa4: bool = False) -> Path:
+                 fa4_mode: str = "bundled", gemma4_fa4: bool | None = None) -> Path:
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
     if vpin.plan != "backport":
         raise ForgeError(f"--mode source prepares backport releases (0.17.0-0.19.1); vLLM {vpin.version} is "
                          f"{vpin.plan}d on its own FA pin", "use overlay mode (the default) for it")
-    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4))
+    stack = load_stack(layers_for(vpin.overlay, fa4_mode, gemma4_fa4_for(vpin.version, gemma4_fa4)))
     sdist = cached_download(cache(lambda: Index(index_url)), pins.index_project, vpin.sdist, vpin.sdist_sha256)
     target = out_dir / f"vllm-{vpin.version}-forge-src"
     if target.exists():

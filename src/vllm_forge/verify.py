@@ -50,7 +50,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
     filename = name or path.name
     try:
         name, version, _, _ = parse_wheel_filename(filename)
-    except Exception as e:  # packaging raises several types
+    except Exception as e:  # noqa: BLE001 - packaging raises several types
         raise _fail(path, f"not a wheel file name ({e})") from None
     with open_wheel(path, "wheel", "build it again") as zf:
         di = dist_info_dir(zf, path.name)
@@ -168,7 +168,7 @@ def verify_wheel(path: Path, pins: Pins | None = None, deep: bool = True,
         try:
             with WheelFile.open(path) as source:
                 source.validate_record(validate_contents=True)
-        except Exception as e:  # installer raises its own types
+        except Exception as e:  # noqa: BLE001 - installer raises its own types
             raise _fail(path, f"installer rejects the wheel: {e}") from None
         report.ok("installer validates every RECORD entry")
     return report

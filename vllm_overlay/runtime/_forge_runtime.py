@@ -18,9 +18,12 @@ for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
    ``VLLM_FORGE_FA4_WARMUP=0`` turns it off.
 3. **64-token pages for FA4 head > 256 on SM90**: FA4 loads K/V by TMA only when the page equals
    its 64-row tile; with 16-token pages it falls back to cp.async (~30% slower at head 512). When
-   the user did not choose ``--block-size``, the block size becomes the one that gives those layers
-   64-token pages after vLLM unifies page sizes across layer groups (Gemma-4: 32, so that its
-   head-512 global layers, half the per-token bytes of its head-256 sliding layers, get 64).
+   the user did not choose ``--block-size``, the block size becomes the smallest one that gives
+   those layers 64-token pages as vLLM itself will lay the KV cache out (its layers' own
+   ``get_kv_cache_spec`` and ``unify_kv_cache_spec_page_size``): Gemma-4 on 0.22.x: 32 (its head-512
+   global layers have half the per-token bytes of its head-256 sliding layers); on 0.25.x: 64
+   (sliding-window layers pick their own 16-token blocks there). The warm-up (2.) logs the page
+   size of the KV cache tensors each FA4 layer really got.
    ``VLLM_FORGE_FA4_PAGE64=0`` or an explicit ``--block-size`` keeps vLLM's choice.
 
 4. **One real serving step at start-up**: vLLM's own warm-up runs dummy forwards whose attention
@@ -107,37 +110,72 @@ def _setup_cache() -> None:
 
 
 # ---------------------------------------------------------------- 3. 64-token pages
-def page64_block_size(per_token: dict[str, float], fa4_wide: set[str], multiple: int = 16) -> int | None:
-    """Block size that gives the FA4 head>256 layers PAGE-token pages once vLLM unifies page sizes
-    (a layer with fewer bytes per token gets block_size * max/own tokens per page)."""
-    if not fa4_wide:
-        return None
-    widest = max(per_token.values())
-    sizes = {PAGE * per_token[n] / widest for n in fa4_wide}
-    if len(sizes) != 1:
-        return None
-    size = sizes.pop()
-    if size != int(size) or int(size) % multiple or size < multiple:
-        return None
-    return int(size)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes tried, smallest first
 
 
-def _fa4_wide_layers(vllm_config: Any) -> tuple[dict[str, float], set[str], dict[str, Any]]:
+def page64_block_size(pages: Callable[[int], dict[str, int] | None],
+                      candidates: tuple[int, ...] = BLOCK_SIZES) -> int | None:
+    """The smallest block size with which every FA4 head>256 layer gets PAGE-token pages.
+
+    pages(block_size): the page (tokens) of each such layer with that block size, as vLLM
+    will lay the KV cache out (None: vLLM cannot lay it out)."""
+    for size in candidates:
+        got = pages(size)
+        if got and set(got.values()) == {PAGE}:
+            return size
+    return None
+
+
+def _pages(vllm_config: Any, layers: dict[str, Any], wide: set[str]) -> tuple[Callable[[int], dict[str, int] | None], str]:
+    """pages(block_size) for the FA4 head>256 layers, and how it is known.
+
+    Where the release has it, by vLLM's own code: every layer's ``get_kv_cache_spec`` with that
+    block size (from 0.25 sliding-window layers pick their own block size), then
+    ``unify_kv_cache_spec_page_size`` (a layer with a smaller page gets more tokens per page).
+    Otherwise the same rule from the specs' page sizes."""
+    cache = vllm_config.cache_config
+    try:
+        from vllm.v1.core.kv_cache_utils import unify_kv_cache_spec_page_size
+    except ImportError:
+        unify_kv_cache_spec_page_size = None
+
+    def specs(size: int) -> dict[str, Any]:
+        kept = cache.block_size
+        cache.block_size = size
+        try:
+            got = {n: layer.get_kv_cache_spec(vllm_config) for n, layer in layers.items()}
+        finally:
+            cache.block_size = kept
+        return {n: spec for n, spec in got.items() if spec is not None and getattr(spec, "block_size", 0)}
+
+    def by_vllm(size: int) -> dict[str, int] | None:
+        try:
+            unified = unify_kv_cache_spec_page_size(specs(size))
+        except (NotImplementedError, ValueError, AssertionError):
+            return None
+        return {n: int(unified[n].block_size) for n in wide if n in unified}
+
+    def by_bytes(size: int) -> dict[str, int] | None:  # unify's rule: the largest page, in more tokens
+        got = specs(size)
+        largest = max(spec.page_size_bytes for spec in got.values())
+        if any(largest % spec.page_size_bytes for spec in got.values()):
+            return None
+        return {n: int(got[n].block_size * largest // got[n].page_size_bytes) for n in wide if n in got}
+
+    if unify_kv_cache_spec_page_size is not None:
+        return by_vllm, "vLLM's own KV cache specs, unified"
+    return by_bytes, "the KV cache specs' page sizes"
+
+
+def _fa4_wide_layers(vllm_config: Any) -> tuple[set[str], dict[str, Any]]:
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
-    per_token: dict[str, float] = {}
-    wide: set[str] = set()
     layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase)  # type: ignore[type-abstract]
-    for name, layer in layers.items():
-        spec = layer.get_kv_cache_spec(vllm_config)
-        if spec is None or not getattr(spec, "block_size", 0):
-            continue
-        per_token[name] = spec.page_size_bytes / spec.block_size
-        impl = getattr(layer, "impl", None)
-        if getattr(impl, "vllm_flash_attn_version", None) == 4 and getattr(impl, "head_size", 0) > 256:
-            wide.add(name)
-    return per_token, wide, layers
+    wide = {name for name, layer in layers.items()
+            if getattr(getattr(layer, "impl", None), "vllm_flash_attn_version", None) == 4
+            and getattr(layer.impl, "head_size", 0) > 256}
+    return wide, layers
 
 
 def _after_block_size(vllm_config: Any) -> None:
@@ -150,28 +188,33 @@ def _after_block_size(vllm_config: Any) -> None:
     cap = current_platform.get_device_capability()
     if cap is None or cap.major != 9:
         return
-    per_token, wide, layers = _fa4_wide_layers(vllm_config)
+    wide, layers = _fa4_wide_layers(vllm_config)
     if not wide:
         return
+    pages, how = _pages(vllm_config, layers, wide)
+    impl = getattr(layers[sorted(wide)[0]], "impl", None)
+    what = (f"the {len(wide)} FA4 layers of head {getattr(impl, 'head_size', '?')} "
+            f"({getattr(impl, 'num_heads', '?')} q / {getattr(impl, 'num_kv_heads', '?')} kv heads)")
+
+    def shown(got: dict[str, int] | None) -> str:
+        return "/".join(map(str, sorted(set(got.values())))) if got else "?"
+
     if getattr(cache, "user_specified_block_size", False):
-        widest = max(per_token.values())
-        pages = {int(cache.block_size * widest / per_token[n]) for n in wide}
-        logger.info("vllm-forge: --block-size %d chosen by the user: the FA4 head>256 layers get %s-token "
-                    "pages (%d is the fast one)", cache.block_size, "/".join(map(str, sorted(pages))), PAGE)
+        logger.info("vllm-forge: --block-size %d chosen by the user: %s get %s-token pages (by %s; %d is the "
+                    "fast one)", cache.block_size, what, shown(pages(cache.block_size)), how, PAGE)
         return
-    size = page64_block_size(per_token, wide)
+    size = page64_block_size(pages)
     if size is None:
-        logger.info("vllm-forge: no block size gives the FA4 head>256 layers %d-token pages; kept %d",
-                    PAGE, cache.block_size)
+        logger.info("vllm-forge: no KV block size gives %s %d-token pages (by %s); kept %d (%s-token pages)",
+                    what, PAGE, how, cache.block_size, shown(pages(cache.block_size)))
         return
-    if size != cache.block_size:
-        impl = getattr(layers[sorted(wide)[0]], "impl", None)
-        logger.info("vllm-forge: KV block size %d -> %d: the %d FA4 layers of head %s (%s q / %s kv heads) "
-                    "get %d-token pages, the tile FA4 loads by TMA on SM90 (VLLM_FORGE_FA4_PAGE64=0 or "
-                    "--block-size keeps vLLM's choice)", cache.block_size, size, len(wide),
-                    getattr(impl, "head_size", "?"), getattr(impl, "num_heads", "?"),
-                    getattr(impl, "num_kv_heads", "?"), PAGE)
-        cache.block_size = size
+    if size == cache.block_size:
+        logger.info("vllm-forge: KV block size %d already gives %s %d-token pages", size, what, PAGE)
+        return
+    logger.info("vllm-forge: KV block size %d -> %d: %s get %d-token pages instead of %s (by %s), the tile FA4 "
+                "loads by TMA on SM90 (VLLM_FORGE_FA4_PAGE64=0 or --block-size keeps vLLM's choice)",
+                cache.block_size, size, what, PAGE, shown(pages(cache.block_size)), how)
+    cache.block_size = size
 
 
 def _patch_platform(module: Any) -> None:
