@@ -162,7 +162,7 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
         manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
         prov_tmp = temp(".json.part")
         prov_tmp.write_bytes(provenance.render(provenance.statement(
-            forged.filename, manifest["output"]["sha256"], stamp, pins.fa.git_repository)))
+            forged.filename, out_digest.result(), stamp, pins.fa.git_repository)))
         publish(tmp_wheel, final)
         publish(man_tmp, manifest_path)
         publish(prov_tmp, provenance.statement_path(final))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .assemble import forged_names
 from .errors import ForgeError
@@ -246,7 +247,8 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
         contexts = {"wheels": Path(wheels)}
         if fa4_cache is not None:
             from .fetch import sha256_file
-            from .kernel_cache import MANIFEST, stage_cache
+            from .kernel_cache import stage_cache
+            from .kernel_cache_child import MANIFEST
 
             stage_cache(fa4_cache, Path(kernels))
             contexts["fa4cache"] = Path(kernels)
@@ -287,7 +289,7 @@ def image_layers(engine: str, tag: str) -> list[Layer]:
     return parse_layers(json.loads(r.stdout)) if r.returncode == 0 else []
 
 
-def parse_layers(info: dict) -> list[Layer]:
+def parse_layers(info: dict[str, Any]) -> list[Layer]:
     """Layers from `buildah inspect --type image`: OCI config diff_ids + history, manifest sizes."""
     config = info["OCIv1"]
     manifest = json.loads(info["Manifest"]) if isinstance(info.get("Manifest"), str) else info.get("Manifest", {})
@@ -297,7 +299,7 @@ def parse_layers(info: dict) -> list[Layer]:
     if len(sizes) != len(diff_ids):
         sizes = [-1] * len(diff_ids)
     by = [h.get("created_by", "") for h in history] if len(history) == len(diff_ids) else [""] * len(diff_ids)
-    return [Layer(d, s, b) for d, s, b in zip(diff_ids, sizes, by)]
+    return [Layer(d, s, b) for d, s, b in zip(diff_ids, sizes, by, strict=True)]
 
 
 def human(n: int) -> str:

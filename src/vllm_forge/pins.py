@@ -216,8 +216,10 @@ def _check(pins: Pins) -> None:
             raise ValueError(f"{what} {value!r} does not have the shape it must have")
     for b in pins.docker_bases:
         for img in (b.builder, b.runtime):
-            if not isinstance(img.image, str) or not _IMAGE.match(img.image) or (img.digest and not _DIGEST.match(img.digest)):
-                raise ValueError(f"docker base {img.image!r}@{img.digest!r} is not an image name:tag (and sha256 digest)")
+            bad_digest = bool(img.digest) and not _DIGEST.match(img.digest)
+            if not isinstance(img.image, str) or not _IMAGE.match(img.image) or bad_digest:
+                raise ValueError(f"docker base {img.image!r}@{img.digest!r} is not an image name:tag "
+                                 "(and sha256 digest)")
     for vp in pins.vllm.values():
         try:
             pins.docker_base(vp)  # every pinned release has its bases

@@ -146,7 +146,8 @@ def check_statement(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins:
     deps = _descriptors(st)
     base = deps.get(vpin.wheel, {}).get("digest", {}).get("sha256")
     if base != vpin.wheel_sha256:
-        raise _fail(wheel, f"base wheel {vpin.wheel} sha256 {str(base)[:12]} is not the pinned {vpin.wheel_sha256[:12]}")
+        raise _fail(wheel, f"base wheel {vpin.wheel} sha256 {str(base)[:12]} "
+                           f"is not the pinned {vpin.wheel_sha256[:12]}")
     fa = deps.get("flash-attention", {})
     commit, tree = fa.get("digest", {}).get("gitCommit"), fa.get("annotations", {}).get("cute_tree_sha256")
     want_commit = pins.fa_commit(vpin)

@@ -39,9 +39,10 @@ def sbom_json(wheel_name: str, wheel_sha256: str, locked: list[tuple[str, str, s
     bom = Bom(serial_number=uuid.uuid5(uuid.NAMESPACE_URL, "vllm-forge:" + hashlib.sha256(key.encode()).hexdigest()))
     bom.metadata.timestamp = datetime.fromtimestamp(epoch, timezone.utc)
     bom.metadata.component = root
-    bom.metadata.tools.components.add(Component(name="vllm-forge", version=__version__, type=ComponentType.APPLICATION))
-    bom.metadata.tools.components.add(Component(name="cyclonedx-python-lib", version=dist_version("cyclonedx-python-lib"),
-                                                type=ComponentType.LIBRARY))
+    tools = bom.metadata.tools.components
+    tools.add(Component(name="vllm-forge", version=__version__, type=ComponentType.APPLICATION))
+    tools.add(Component(name="cyclonedx-python-lib", version=dist_version("cyclonedx-python-lib"),
+                        type=ComponentType.LIBRARY))
     for c in deps:
         bom.components.add(c)
     bom.register_dependency(root, deps)
