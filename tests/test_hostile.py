@@ -119,7 +119,7 @@ def test_killed_build_temp_removed_by_next_build(tmp_path: Path, base_wheel: Pat
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"removed 1 temp file(s) left in {out} by a build that was killed" in r.stderr
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
 
 
 def test_live_build_temp_kept(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
@@ -146,7 +146,7 @@ def test_concurrent_builds_into_one_out(tmp_path: Path, base_wheel: Path, fa_ups
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in results]
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
     assert run_cli("verify", "--quick", str(out / WHEEL_NAME)).returncode == 0
 
 
@@ -182,7 +182,7 @@ def test_corrupt_cached_base_wheel_repaired(tmp_path: Path, base_wheel: Path, fa
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"vllm-forge: cached {base_wheel.name} failed its sha256; evicted, downloading again" in r.stderr
     assert (cache / "dl" / base_wheel.name).stat().st_size == base_wheel.stat().st_size
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
 
 
 @pytest.fixture

@@ -28,7 +28,9 @@ import pytest
 from conftest import run_cli
 
 from vllm_forge.docker import git_provenance, parse_layers
-from vllm_forge.pins import Pins
+from vllm_forge.assemble import forged_names
+from vllm_forge.fa4 import forged_label
+from vllm_forge.pins import Pins, load_pins
 from vllm_forge.verify import STAMP
 
 pytestmark = [pytest.mark.image, pytest.mark.network]
@@ -36,7 +38,10 @@ pytestmark = [pytest.mark.image, pytest.mark.network]
 BASE = os.environ.get("VLLM_FORGE_IMAGE_BASE", "localhost/vllm-forge-base:bookworm")
 MIRROR = os.environ.get("VLLM_FORGE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 TAG = "localhost/vllm-forge/vllm:image-test"
-WHEEL = "vllm-0.19.1+fa4.bce2942.p952cdd5-cp38-abi3-manylinux_2_31_x86_64.whl"
+_PINS = load_pins()
+_VPIN = _PINS.for_version(_PINS.default_vllm)
+WHEEL = forged_names(_VPIN.wheel, forged_label(_PINS, _VPIN)).filename  # what `docker` renders and builds
+FORGED = WHEEL.split("-")[1]  # 0.19.1+fa4.bce2942.p952cdd5[.gemma4]
 REPORT: dict[str, object] = {}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +141,7 @@ def test_vllm_imports_and_reports_the_forged_version(container: str) -> None:
     out = run_in(container, "cd / && python -c 'import vllm, importlib.metadata as m; "
                             "print(vllm.__version__); print(m.version(\"vllm\")); print(vllm.__file__)'")
     version, dist_version, path = out.strip().splitlines()[-3:]
-    assert dist_version == "0.19.1+fa4.bce2942.p952cdd5" and version == "0.19.1", out
+    assert dist_version == FORGED and FORGED.startswith("0.19.1+fa4.bce2942.p952cdd5") and version == "0.19.1", out
     assert path.startswith("/opt/vllm/lib/python3") and path.endswith("/site-packages/vllm/__init__.py")
     REPORT["vllm.__version__"] = version
     REPORT["importlib.metadata.version('vllm')"] = dist_version
@@ -206,7 +211,7 @@ def test_shipped_wheel_verifies_and_labels_carry_provenance(image: str, containe
     assert sbom["metadata"]["component"]["hashes"] == [{"alg": "SHA-256", "content": sha}]
     assert len(sbom["components"]) == deps_lock.count("--hash=sha256:") == lock.count("--hash=sha256:") - 1
     REPORT["sbom components"] = len(sbom["components"])
-    assert labels["org.opencontainers.image.version"] == "0.19.1+fa4.bce2942.p952cdd5"
+    assert labels["org.opencontainers.image.version"] == FORGED
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert labels["org.opencontainers.image.revision"] in (head, head + "-dirty")
     assert labels["org.opencontainers.image.source"] == git_provenance(REPO)[0]
