@@ -276,6 +276,8 @@ def _tampered(forged: BuildResult, tmp_path: Path, edit: object) -> subprocess.C
     (lambda st: st["predicate"]["buildDefinition"]["resolvedDependencies"][3]["digest"].update(sha256="3" * 64),
      "differs from the wheel's stamp in flash-attention patch 0001"),
     (lambda st: st.update(predicateType="https://slsa.dev/provenance/v0.2"), "not an in-toto Statement v1"),
+    (lambda st: st.update(subject=["x"]), "malformed (a field has the wrong type)"),
+    (lambda st: st["predicate"].update(buildDefinition=[]), "malformed (a field has the wrong type)"),
 ])
 def test_verify_refuses_a_wrong_statement(forged: BuildResult, tmp_path: Path, edit: object, message: str) -> None:
     from vllm_forge.provenance import statement_path

@@ -109,8 +109,9 @@ def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | Non
     texts.append((out, header + "\n".join(lines) + "\n"))
     if dependencies_out is not None:
         deps = locked_dependencies(lines, wheel_ref)
-        texts.append((dependencies_out, f"# vllm-forge lock: the {len(deps)} dependencies of {wheel.name}, "
-                      "hash-pinned (the wheel itself: --no-deps, after these)\n" + "\n".join(deps) + "\n"))
+        # no wheel name here: the image layer made from this file stays the same across re-forges
+        texts.append((dependencies_out, f"# vllm-forge lock: {len(deps)} dependencies, hash-pinned (the forged "
+                      "wheel itself: --no-deps, after these)\n" + "\n".join(deps) + "\n"))
     if sbom_out is not None:
         from .docker import wheel_stamp
         from .output import source_date_epoch

@@ -137,6 +137,14 @@ def check_statement(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins:
         raise _fail(wheel, f"unreadable ({e})") from None
     if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE or st.get("predicateType") != PREDICATE_TYPE:
         raise _fail(wheel, f"not an in-toto Statement v1 with predicate {PREDICATE_TYPE}")
+    try:
+        return _check_fields(wheel, wheel_sha256, stamp, pins, st, path)
+    except (AttributeError, TypeError, KeyError, IndexError):  # a field of the wrong JSON type
+        raise _fail(wheel, "malformed (a field has the wrong type)") from None
+
+
+def _check_fields(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins: Pins, st: dict[str, Any],
+                  path: Path) -> list[str]:
     subjects = st.get("subject") or [{}]
     got = subjects[0].get("digest", {}).get("sha256") if len(subjects) == 1 else None
     if got != wheel_sha256 or subjects[0].get("name") != wheel.name:
@@ -164,7 +172,6 @@ def check_statement(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins:
     n = len(deps)
     return [f"provenance {path.name}: subject sha256 {wheel_sha256[:12]} = the wheel; base wheel, "
             f"flash-attention {want_commit[:7]} (tree {want_tree[:12]}) = pins; {n} materials = the stamp"]
-
 
 
 def check_wheel(wheel: Path, pins: Pins | None = None) -> list[str]:
