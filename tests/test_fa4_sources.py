@@ -107,6 +107,8 @@ def test_real_patch_applied_recorded_and_verified(fa_upstream: Path, tmp_path: P
     verify_wheel(result.wheel, deep=False, fa_patch_dir=patches)
     r = run_cli("verify", "--quick", str(result.wheel))  # the default (empty) series does not match
     assert r.returncode == 2 and "differ from the series" in r.stderr
+    r = run_cli("verify", "--fa-patches", str(patches), str(result.wheel))  # rebuilt with that series
+    assert r.returncode == 0 and "bit for bit identical to a rebuild" in r.stdout, r.stderr
 
 
 def test_series_lists_missing_patch(tmp_path: Path, fa_upstream: Path) -> None:

@@ -144,7 +144,7 @@ def test_build_gate_reads_user_records(monkeypatch: pytest.MonkeyPatch, tmp_path
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A tune release whose series has no project record: refused, unless the user data directory holds a
     passed record of that very series on the device class the build is for."""
-    data = copy_data(tmp_path / "data", "patches")
+    data = copy_data(tmp_path / "data", "patches", "vllm_overlay")
     manifest = json.loads((data / "patches/flash-attention/manifest.json").read_text())
     pins = load_pins()
     vp = pins.for_version("0.22.1")

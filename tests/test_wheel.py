@@ -108,8 +108,10 @@ def test_manifest_records_inputs(forged: BuildResult, pins: Pins) -> None:
 
 
 def test_verify_deep_passes(forged: BuildResult) -> None:
-    report = verify_wheel(forged.wheel, deep=True)
-    assert any("installer validates" in c for c in report.checks)
+    report = verify_wheel(forged.wheel, deep=True)  # the base is in the cache: rebuilt and compared
+    assert report.level == "rebuild" and any("bit for bit identical to a rebuild" in c for c in report.checks)
+    report = verify_wheel(forged.wheel, deep=True, use_base=False)
+    assert any("installer validates" in c for c in report.checks) and "self-consistency only" in report.level
     r = run_cli("verify", str(forged.wheel), "--quick")
     assert r.returncode == 0 and "verified" in r.stdout
 
@@ -123,6 +125,9 @@ def test_verify_rejects_tampered_wheel(forged: BuildResult, tmp_path: Path) -> N
                 data += b"\n# tampered\n"
             dst.writestr(info, data)
     r = run_cli("verify", str(bad))
+    assert r.returncode == 2
+    assert "vllm/vllm_flash_attn/cute/interface.py differs from what vllm-forge builds" in r.stderr
+    r = run_cli("verify", "--no-base", str(bad))
     assert r.returncode == 2
     assert "RECORD hash/size mismatch for vllm/vllm_flash_attn/cute/interface.py" in r.stderr
 

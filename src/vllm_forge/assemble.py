@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import time
 import zipfile
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import BinaryIO
 
 from installer.records import Hash, RecordEntry, parse_record_file
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from .errors import ForgeError
@@ -162,17 +164,43 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, progress:
     dst.seek(0, os.SEEK_END)
 
 
-def assemble(base: Path, out_tmp: Path, *, label: str,
+def tag_family(tags: frozenset[Tag]) -> frozenset[tuple[str, str, str]]:
+    """Tags up to the glibc/manylinux level of their platform: vLLM's release wheels declare
+    cp38-abi3-linux_x86_64 in WHEEL and are published (renamed) as ..._manylinux_2_31_x86_64."""
+    return frozenset((t.interpreter, t.abi, re.sub(r"^(many|musl)?linux(_\d+_\d+|\d+)?_", "", t.platform))
+                     for t in tags)
+
+
+def wheel_tags(zf: zipfile.ZipFile, dist_info: str) -> frozenset[Tag]:
+    """The tags a wheel's own WHEEL file declares (what it installs on, whatever its file name says)."""
+    try:
+        text = zf.read(f"{dist_info}/WHEEL").decode()
+    except (KeyError, UnicodeDecodeError):
+        raise ForgeError(f"{dist_info}/WHEEL is missing or unreadable", "not a valid wheel") from None
+    tags = frozenset(t for ln in text.splitlines() if ln.startswith("Tag:") for t in parse_tag(ln[4:].strip()))
+    if not tags:
+        raise ForgeError(f"{dist_info}/WHEEL declares no Tag", "not a valid wheel")
+    return tags
+
+
+def assemble(base: Path, out_tmp: Path, *, label: str, base_name: str,
              drop_prefixes: tuple[str, ...], replace: dict[str, bytes], add: dict[str, bytes],
              requires: list[str], stamp: tuple[str, bytes], epoch: int,
              dist_info_edits: dict[str, Callable[[str], str]] | None = None) -> Forged:
     """Write the forged wheel to out_tmp. Members under drop_prefixes and in replace are
     not copied; replace + add are written anew; dist-info is renamed, METADATA merged, RECORD
-    regenerated. The caller checks the base's sha256 (build hashes it in parallel)."""
+    regenerated. The output is named after base_name, the pinned file name (bound to the content
+    by the sha256 the caller checks: build hashes it in parallel), never after the name the file
+    was given; the tags of that name must be of the family the base's WHEEL declares."""
     date_time = zip_date_time(epoch)
     with open_wheel(base) as zin:
         di = dist_info_dir(zin, str(base))
-        names = forged_names(base.name, label)
+        names = forged_names(base_name, label)
+        declared = wheel_tags(zin, di)
+        if tag_family(declared) != tag_family(parse_wheel_filename(base_name)[3]):
+            raise ForgeError(f"base wheel {base.name} declares tags {', '.join(sorted(map(str, declared)))} "
+                             f"in its WHEEL, not those of {base_name}",
+                             "pass the pinned vLLM wheel (its sha256 is checked)")
         base_record = {p: (h, s) for p, h, s in parse_record_file(zin.read(f"{di}/RECORD").decode().splitlines())}
         infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
         ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]

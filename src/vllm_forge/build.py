@@ -17,7 +17,7 @@ from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
 from .fa4_wheel import fa4_wheel_version
-from .fetch import Index, cache_dir, check_digest, evict, sha256_file
+from .fetch import Index, cache_dir, check_digest, clear_cache_slot, evict, sha256_file
 from .output import check_output_dir, publish, source_date_epoch, staged_output
 from .overlay import Stack, gemma4_fa4_for, load_stack, sha256
 from .pins import FA4_MODES, Pins, VllmPin, layers_for, load_pins, version_label
@@ -37,8 +37,10 @@ class BuildResult:
 def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: Path | None = None,
           fa_src: str | None = None, index_url: str | None = None,
           fa_patch_dir: Path | None = None, fa4_mode: str = "bundled", gemma4_fa4: bool | None = None,
-          allow_unvalidated: bool = False, runtime: bool = True, device_class: str = "sm90") -> BuildResult:
-    """gemma4_fa4: None = the release's default (on where it forces TRITON_ATTN for Gemma-4)."""
+          allow_unvalidated: bool = False, runtime: bool = True, device_class: str = "sm90",
+          epoch: int | None = None) -> BuildResult:
+    """gemma4_fa4: None = the release's default (on where it forces TRITON_ATTN for Gemma-4).
+    epoch (verify's rebuild): overrides SOURCE_DATE_EPOCH and the base's timestamp."""
     t0 = time.monotonic()
     pins = load_pins()
     vpin = pins.for_version(version or pins.default_vllm)
@@ -62,6 +64,7 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     else:
         base = cache_dir() / "dl" / vpin.wheel
         base_origin = f"cache {base}"
+        clear_cache_slot(base)
         if not base.is_file():
             base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
             base_origin = f"index {index().url}{project}/"
@@ -70,13 +73,13 @@ def build(version: str | None = None, out_dir: Path = Path("dist"), base_wheel: 
     try:
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, base_origin, out_dir, index, fa_src, fa_patch_dir,
-            from_cache=base_origin.startswith("cache "), runtime=runtime)
+            from_cache=base_origin.startswith("cache "), runtime=runtime, epoch=epoch)
     except _CorruptCache:  # the cache repairs itself: evict, download, verify, forge again
         evict(base)
         base = index().download(project, vpin.wheel, vpin.wheel_sha256, base.parent)
         final, manifest_path, report = _forge(
             pins, vpin, stack, fa4_mode, gemma4_fa4, base, f"index {index().url}{project}/", out_dir, index,
-            fa_src, fa_patch_dir, from_cache=False, runtime=runtime)
+            fa_src, fa_patch_dir, from_cache=False, runtime=runtime, epoch=epoch)
     print(f"forged {final} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     for check in report.checks:
         print(f"  ok: {check}", file=sys.stderr)
@@ -89,7 +92,7 @@ class _CorruptCache(Exception):
 
 def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: bool, base: Path, base_origin: str,
            out_dir: Path, index: Callable[[], Index], fa_src: str | None, fa_patch_dir: Path | None,
-           from_cache: bool, runtime: bool = True) -> tuple[Path, Path, Report]:
+           from_cache: bool, runtime: bool = True, epoch: int | None = None) -> tuple[Path, Path, Report]:
     project = pins.index_project
     with staged_output(out_dir) as temp, tempfile.TemporaryDirectory(prefix="vllm-forge-") as work, \
             ThreadPoolExecutor(2) as pool:
@@ -101,7 +104,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
             adds = stack.adds()
             rt_source = runtime_source() if runtime else None
             fa = get_fa4_sources(target, Path(work), index, project, fa_src, fa_patch_dir)
-            epoch, epoch_from = source_date_epoch(base_stamp, "base wheel METADATA timestamp")
+            epoch, epoch_from = ((epoch, "the wheel being verified") if epoch is not None else
+                                 source_date_epoch(base_stamp, "base wheel METADATA timestamp"))
             stamp = {
                 "tool": f"vllm-forge {__version__}",
                 "vllm": {"version": vpin.version, "wheel": vpin.wheel, "wheel_sha256": vpin.wheel_sha256},
@@ -128,7 +132,8 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                         list(pins.fa.requires) + (system_req if fa4_mode == "system" else []))
             series = series_hash([p.sha256 for p in fa.patches]) if fa.patches else ""
             forged = assemble(
-                base, tmp_wheel, label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
+                base, tmp_wheel, base_name=vpin.wheel,
+                label=version_label(target.short, fa4_mode, gemma4_fa4, series, runtime),
                 drop_prefixes=(WHEEL_CUTE + "/",), replace=overlaid,
                 add={**adds, **bundled, **({RUNTIME_MODULE: rt_source} if rt_source is not None else {})},
                 requires=requires,
@@ -143,7 +148,7 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
                 raise _CorruptCache() from None
             raise
         report = verify_wheel(tmp_wheel, pins, deep=False, fa_patch_dir=fa_patch_dir,
-                              name=forged.filename)
+                              name=forged.filename, fa_tree=fa.tree_sha256)
         manifest = {
             **stamp,
             "output": {"wheel": forged.filename, "sha256": out_digest.result(),

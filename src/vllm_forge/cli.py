@@ -89,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="tune releases: the GPUs the wheel is for; a `validate` record of the series on this "
                         "class in the user data directory admits it (default sm90)")
 
-    v = sub.add_parser("verify", help="static checks of a forged wheel")
+    v = sub.add_parser("verify", help="check a forged wheel is what vllm-forge builds from the pinned inputs")
     v.add_argument("wheel", type=Path)
-    v.add_argument("--quick", action="store_true", help="hash only the members vllm-forge wrote")
+    v.add_argument("--quick", action="store_true",
+                   help="no rebuild: pinned-data checks, and RECORD hashes of the members vllm-forge wrote")
+    v.add_argument("--base-wheel", type=Path,
+                   help="the pinned vLLM base wheel (sha256-checked; default: the download cache build uses)")
+    v.add_argument("--no-base", action="store_true",
+                   help="do not rebuild: pinned-data checks + self-consistency only")
     v.add_argument("--fa-patches", type=Path, help="flash-attention patch directory the wheel was built with")
 
     f = sub.add_parser("build-fa4-wheel", help="a reproducible flash-attn-4 wheel of the pinned FA4 (system FA4)")
@@ -259,13 +264,15 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.wheel.is_file():
                 raise ForgeError(f"{args.wheel} does not exist", "give the path of a forged wheel")
-            report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches)
+            report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
+                                  base_wheel=args.base_wheel, use_base=not args.no_base)
             from .provenance import check_wheel
 
             report.checks += check_wheel(args.wheel)  # the in-toto statement beside it
             for check in report.checks:
                 print(f"ok: {check}")
-            print(f"{report.wheel}: verified")
+            level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}
+            print(f"{report.wheel}: verified{level.get(report.level, f' ({report.level})')}")
     except ForgeError as e:
         end_progress_line()
         print(f"vllm-forge: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ that ships the same pin (read with HTTP range requests: only the cute members).
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import http.client
 import itertools
@@ -28,11 +29,12 @@ from .fetch import (
     RangesUnsupported,
     cache_dir,
     cached_download,
+    clear_cache_slot,
     evict,
     safe_member_name,
     sha256_file,
 )
-from .patching import AppliedPatch, apply_series
+from .patching import AppliedPatch, apply_series, check_series
 from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir, version_label
 from .series import series_for
 
@@ -146,9 +148,16 @@ def from_local(path: Path) -> Tree:
 def _git_mirror(url: str) -> git.Repo:
     """A bare, blobless (partial-clone) repository in the cache for one mirror URL."""
     repo_dir = cache_dir() / "git" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
-    if repo_dir.is_dir():
-        return git.Repo(str(repo_dir))
-    repo = git.Repo.init(str(repo_dir), bare=True)
+    clear_cache_slot(repo_dir.parent, is_dir=True)  # cache/git itself a file
+    if repo_dir.exists() or repo_dir.is_symlink():
+        why = _broken_mirror(repo_dir, url)
+        if not why:
+            return git.Repo(str(repo_dir))
+        evict(repo_dir, why, "cloning it again", f"git mirror {url}")
+    repo_dir.parent.mkdir(parents=True, exist_ok=True)
+    # `git init --bare <dir>` run in the cache: never in the current directory
+    git.Git(str(repo_dir.parent)).execute(["git", "init", "--quiet", "--bare", str(repo_dir)])
+    repo = git.Repo(str(repo_dir))
     with repo.config_writer() as cw:
         cw.set_value('remote "origin"', "url", url)
         cw.set_value('remote "origin"', "promisor", "true")
@@ -157,6 +166,22 @@ def _git_mirror(url: str) -> git.Repo:
         cw.set_value('remote "origin"', "uploadpack",
                      "git -c uploadpack.allowFilter=true -c uploadpack.allowAnySHA1InWant=true upload-pack")
     return repo
+
+
+def _broken_mirror(repo_dir: Path, url: str) -> str:
+    """Why a cached git mirror cannot serve ("" when it can): a file, a link, an empty or foreign
+    directory where the bare repository of `url` belongs."""
+    if repo_dir.is_symlink() or not repo_dir.is_dir():
+        return "is not a directory"
+    if not (repo_dir / "HEAD").is_file() or not (repo_dir / "objects").is_dir():
+        return "is not a bare git repository"
+    try:
+        repo = git.Repo(str(repo_dir))
+        if not repo.bare or repo.config_reader().get_value('remote "origin"', "url", "") != url:
+            return "is not the bare mirror of that URL"
+    except (git.GitError, OSError, ValueError, configparser.Error) as e:  # a damaged repository
+        return f"is unreadable ({type(e).__name__})"
+    return ""
 
 
 def from_git(url: str, commit: str) -> Tree:
@@ -324,6 +349,9 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
     if patch_dir is not None and not patch_dir.is_dir():
         raise ForgeError(f"flash-attention patch directory {patch_dir} does not exist",
                          "check --fa-patches (a directory with *.patch files and an optional series)")
+    series_dir = patch_dir if patch_dir is not None else default_patch_dir(pin)
+    if series_dir is not None and series_dir.is_dir():
+        check_series(series_dir, CUTE, ".py")  # before anything is fetched or written
     failures: list[str] = []
     cached = cache_dir() / "fa4" / pin.commit
     for name, fetch in _mirrors(fa_src, pin, index, project):
@@ -360,9 +388,8 @@ def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index
         if name not in ("cache", "base wheel"):
             _store_in_cache(upstream, pin.commit)
         result = Fa4Sources(rewritten, upstream, mirror, got, got)
-        patch_dir = patch_dir if patch_dir is not None else default_patch_dir(pin)
-        if patch_dir is not None and patch_dir.is_dir():
-            result.patches = apply_series(patch_dir, staging)
+        if series_dir is not None and series_dir.is_dir():
+            result.patches = apply_series(series_dir, staging)
         if result.patches:
             result.files = cmake_install_fa4(staging, work, pin.commit)
             result.upstream = read_tree(staging / CUTE, "patched flash-attention")
@@ -379,6 +406,7 @@ def _store_in_cache(tree: Tree, commit: str) -> None:
     dest = cache_dir() / "fa4" / commit
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
+        clear_cache_slot(dest, is_dir=True)
         shutil.rmtree(tmp, ignore_errors=True)
         write_tree(tree, tmp / CUTE)
         shutil.rmtree(dest, ignore_errors=True)

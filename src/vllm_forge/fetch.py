@@ -225,9 +225,24 @@ def evict(path: Path, why: str = "failed its sha256", then: str = "downloading a
     print(f"vllm-forge: cached {label or path.name} {why}; evicted, {then}", file=sys.stderr, flush=True)
 
 
+def clear_cache_slot(path: Path, is_dir: bool = False) -> None:
+    """Evict what stands where a cache entry belongs and cannot be one: a file where a directory
+    belongs (the entry's parent, or the entry when is_dir), a directory or a dangling link where a
+    file belongs. Run before the entry is read or written, so that the cache repairs itself."""
+    parent = path.parent
+    if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
+        evict(parent, "is not a directory", "making it again")
+    if path.exists() or path.is_symlink():
+        if is_dir and not path.is_dir():
+            evict(path, "is not a directory", "fetching it again")
+        elif not is_dir and not path.is_file():
+            evict(path, "is not a file", "downloading again")
+
+
 def cached_download(index: Callable[[], Index], project: str, filename: str, sha256: str) -> Path:
     """The pinned file from the cache (re-verified; a corrupt one is evicted), else from the index."""
     path = cache_dir() / "dl" / filename
+    clear_cache_slot(path)
     if path.is_file():
         if sha256_file(path) == sha256:
             return path

@@ -112,5 +112,16 @@ def apply_patch(patch: Path, root: Path) -> AppliedPatch:
     return AppliedPatch(patch.name, hashlib.sha256(patch.read_bytes()).hexdigest())
 
 
+def check_series(patch_dir: Path, inside: str, suffix: str) -> None:
+    """Refuse a series with a patch that touches a path outside `inside`/ or not ending in `suffix`:
+    its change would be recorded as applied (stamp, version label) yet be in no file of the output."""
+    for patch in read_series(patch_dir):
+        for path in check_paths(patch):
+            if not (path.startswith(inside + "/") and path.endswith(suffix)):
+                raise ForgeError(f"patch {patch.name} touches {path!r}, outside {inside}/*{suffix} "
+                                 "(the only files a forged wheel carries from this tree)",
+                                 f"refusing the series {patch_dir}; patch only {inside}/ *{suffix} files")
+
+
 def apply_series(patch_dir: Path, root: Path) -> list[AppliedPatch]:
     return [apply_patch(p, root) for p in read_series(patch_dir)]

@@ -21,7 +21,16 @@ from functools import cache
 from pathlib import Path
 
 from .errors import ForgeError
-from .fa4 import CUTE, FaTarget, Tree, fa_target, get_fa4_sources, write_tree
+from .fa4 import (
+    CUTE,
+    FaTarget,
+    Tree,
+    cmake_install_fa4,
+    fa_target,
+    get_fa4_sources,
+    tree_sha256,
+    write_tree,
+)
 from .fetch import Index
 from .patching import apply_patch, apply_series, check_paths, read_series
 from .pins import load_pins
@@ -143,6 +152,7 @@ def refresh_fa_series(from_version: str, to_version: str, data: Path | None = No
         (out_dir / "series").write_text("".join(f"{p.name}\n" for p in patches))
         write_tree(new, trial / CUTE)
         apply_series(out_dir, trial)
+        patched_tree = tree_sha256(cmake_install_fa4(trial, work, dst_t.commit))
         final = root / dst_t.short
         if final.exists():
             raise ForgeError(f"{final} exists but the manifest does not name it", "remove it, then port again")
@@ -150,6 +160,7 @@ def refresh_fa_series(from_version: str, to_version: str, data: Path | None = No
     manifest = read_manifest(root)
     manifest["series"][dst_t.cute_tree_sha256] = {
         "commit": dst_t.commit, "dir": dst_t.short, "validation": None,
+        "patched": {"series": dir_series_hash(final), "tree_sha256": patched_tree},
         "ported_from": {"dir": series.dir.name, "commit": src_t.commit, "tree_sha256": src_t.cute_tree_sha256,
                         "series": dir_series_hash(series.dir), "how": "vllm-forge refresh --fa-series: "
                         "git merge-file per patch onto the new pin, clean",

@@ -4,7 +4,9 @@ patches/flash-attention/manifest.json maps the tree hash of a pinned FA4 tree (a
 rewrites it, fa4.tree_sha256) to the directory holding its series (quilt `series` + patches),
 where it came from (written by hand, or ported by `vllm-forge refresh --fa-series`), and the GPU
 validation it passed. A series ships by default only with a validation record whose series hash
-is the series' current one.
+is the series' current one. Each entry also records `patched`: the series hash and the tree hash
+(fa4.tree_sha256, as the wheel carries it) of the pin with the series applied, which `verify`
+checks a wheel's FA4 tree against without trusting anything the wheel says.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Series:
     dir: Path
     ported_from: dict[str, Any] | None
     validation: dict[str, Any] | None
+    patched: dict[str, Any] | None = None
 
     @property
     def hash(self) -> str:
@@ -62,6 +65,12 @@ class Series:
         if not self.validation.get("passed"):
             return f"its GPU validation failed: {self.validation.get('summary', 'see the record')}"
         return ""
+
+    def patched_tree_sha256(self) -> str | None:
+        """The recorded tree hash of the pin with this series applied, if recorded for this series."""
+        if not self.patched or self.patched.get("series") != self.hash:
+            return None
+        return str(self.patched.get("tree_sha256") or "") or None
 
 
 def read_manifest(root: Path | None = None) -> dict[str, Any]:
@@ -88,4 +97,5 @@ def series_for(pin_tree_sha256: str, root: Path | None = None) -> Series | None:
     if not d.is_dir() or ".." in Path(entry["dir"]).parts or Path(entry["dir"]).is_absolute():
         raise ForgeError(f"series manifest names {entry['dir']!r}, not a directory under {root}",
                          "fix patches/flash-attention/manifest.json")
-    return Series(pin_tree_sha256, entry["commit"], d, entry.get("ported_from"), entry.get("validation"))
+    return Series(pin_tree_sha256, entry["commit"], d, entry.get("ported_from"), entry.get("validation"),
+                  entry.get("patched"))
