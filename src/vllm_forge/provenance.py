@@ -18,6 +18,7 @@ comparisons. The output is deterministic: the same inputs give the same bytes (n
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,11 +176,17 @@ def _check_fields(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins: P
 
 
 def check_wheel(wheel: Path, pins: Pins | None = None) -> list[str]:
-    """`verify`'s provenance check: the statement beside `wheel` against the wheel itself."""
+    """`verify`'s provenance check: the statement beside `wheel` against the wheel itself. A wheel
+    with no statement beside it (copied alone) is said so on stderr and not checked; a statement
+    that does not match is an error."""
     from .docker import wheel_stamp
     from .fetch import sha256_file
     from .pins import load_pins
 
+    if not statement_path(wheel).exists():
+        print(f"vllm-forge: warning: no provenance statement {statement_path(wheel).name} beside the wheel: "
+              "not checked (build writes it; ship it with the wheel)", file=sys.stderr)
+        return []
     try:
         stamp = json.loads(wheel_stamp(wheel))
     except (StopIteration, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
