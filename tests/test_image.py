@@ -188,7 +188,8 @@ def test_shipped_wheel_verifies_and_labels_carry_provenance(image: str, containe
     try:
         wheel = Path(mnt) / "dist" / WHEEL
         r = run_cli("verify", str(wheel))
-        assert r.returncode == 0 and r.stdout.strip().endswith("verified"), r.stdout + r.stderr
+        last = r.stdout.strip().splitlines()[-1]
+        assert r.returncode == 0 and last.startswith(f"{WHEEL}: verified"), r.stdout + r.stderr
         manifest = json.loads((Path(mnt) / "dist" / (WHEEL[:-4] + ".manifest.json")).read_text())
         import hashlib
         sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
