@@ -120,7 +120,7 @@ def test_killed_build_temp_removed_by_next_build(tmp_path: Path, base_wheel: Pat
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"removed 1 temp file(s) left in {out} by a build that was killed" in r.stderr
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
 
 
 def test_live_build_temp_kept(tmp_path: Path, base_wheel: Path, fa_upstream: Path) -> None:
@@ -147,7 +147,7 @@ def test_concurrent_builds_into_one_out(tmp_path: Path, base_wheel: Path, fa_ups
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in results]
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
     assert run_cli("verify", "--quick", str(out / WHEEL_NAME)).returncode == 0
 
 
@@ -183,7 +183,7 @@ def test_corrupt_cached_base_wheel_repaired(tmp_path: Path, base_wheel: Path, fa
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"vllm-forge: cached {base_wheel.name} failed its sha256; evicted, downloading again" in r.stderr
     assert (cache / "dl" / base_wheel.name).stat().st_size == base_wheel.stat().st_size
-    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json"])
+    assert listing(out) == sorted([WHEEL_NAME, WHEEL_NAME[:-4] + ".manifest.json", WHEEL_NAME[:-4] + ".intoto.json"])
 
 
 @pytest.fixture
@@ -480,6 +480,13 @@ def test_lock_bad_arguments(tmp_path: Path, forged: BuildResult) -> None:
     assert "cannot run" in err and "--python" in err
     (tmp_path / "dir").mkdir()
     assert "is a directory" in one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "dir")))
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "l.txt"), "--sbom-out", str(tmp_path / "dir")))
+    assert "--sbom-out" in err and "is a directory" in err
+    (tmp_path / "f").write_text("x")
+    err = one_error(run_cli("lock", str(forged.wheel), "--out", str(tmp_path / "l.txt"),
+                            "--dependencies-out", str(tmp_path / "f" / "deps.txt")))
+    assert "the directory of --dependencies-out" in err and "exists and is not a directory" in err
+    (tmp_path / "f").unlink()
     assert listing(tmp_path) == ["dir"]
 
 

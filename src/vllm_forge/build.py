@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import __version__
+from . import __version__, provenance
 from .assemble import assemble, read_base
 from .errors import ForgeError
 from .fa4 import WHEEL_CUTE, FaTarget, fa_target, get_fa4_sources
@@ -178,8 +178,11 @@ def _forge(pins: Pins, vpin: VllmPin, stack: Stack, fa4_mode: str, gemma4_fa4: b
         man_tmp = temp(".json.part")
         man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         manifest_path = out_dir / (forged.filename[:-4] + ".manifest.json")
-        # together or not at all; the manifest first, so that whoever sees the wheel finds its manifest
-        publish_together([(man_tmp, manifest_path), (tmp_wheel, final)])
+        prov_tmp = temp(".json.part")
+        prov_tmp.write_bytes(provenance.render(provenance.statement(
+            forged.filename, out_digest.result(), stamp, pins.fa.git_repository)))
+        # together or not at all; the manifest and statement first, so that whoever sees the wheel finds them
+        publish_together([(man_tmp, manifest_path), (prov_tmp, provenance.statement_path(final)), (tmp_wheel, final)])
     return final, manifest_path, report
 
 

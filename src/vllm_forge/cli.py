@@ -105,6 +105,9 @@ def _verify(args: argparse.Namespace) -> None:
     report = verify_wheel(args.wheel, deep=not args.quick, fa_patch_dir=args.fa_patches,
                           base_wheel=args.base_wheel, use_base=not args.no_base, platform=args.platform,
                           user_patches=args.patches)
+    from .provenance import check_wheel
+
+    report.checks += check_wheel(args.wheel)  # the in-toto statement beside it
     for check in report.checks:
         emit(f"ok: {check}")
     level = {"rebuild": " (identical to a rebuild from the pinned inputs)", "": " (quick: no rebuild)"}
@@ -142,7 +145,7 @@ def _lock(args: argparse.Namespace) -> None:
 
     out = args.out or args.wheel.with_name(args.wheel.name.removesuffix(".whl") + ".lock.txt")
     emit(str(lock(args.wheel, out, args.wheel_ref, args.python, args.index_url, not args.newest,
-                  platform=args.platform)))
+                  args.dependencies_out, args.sbom_out, platform=args.platform)))
 
 
 def _refresh(args: argparse.Namespace) -> None:
@@ -331,6 +334,8 @@ def _lock_args(lk: argparse.ArgumentParser) -> None:
     lk.add_argument("--newest", action="store_true",
                     help="take the newest FA4 runtime packages FA4 admits, not the H100-tested set (pins.json)")
     _platform(lk, None)
+    lk.add_argument("--dependencies-out", type=Path, help="also write the lock without the wheel (its own image layer)")
+    lk.add_argument("--sbom-out", type=Path, help="also write a CycloneDX JSON SBOM of the wheel and the lock")
 
 
 def _pin_args(pn: argparse.ArgumentParser) -> None:

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .assemble import dist_info_dir, forged_names, open_wheel
 from .errors import ForgeError
 from .fa4 import forged_label
 from .output import parse_epoch, publish, staged_output
-from .pins import data_dir, load_pins
+from .pins import BaseImage, DockerBase, data_dir, load_pins
 from .verify import STAMP
 
 ENGINES = ("docker", "buildah", "podman")
@@ -39,6 +40,7 @@ class Rendered:
     wheel: str  # the forged wheel's file name
     base_wheel: str  # the upstream wheel's file name
     version: str  # the forged version, e.g. 0.19.1+fa4.bce2942
+    base: DockerBase  # the release's CUDA bases (pins.json docker.bases), the Dockerfile's defaults
 
 
 def render(version: str | None, out: Path, check: Callable[[Rendered], None] | None = None,
@@ -50,7 +52,8 @@ def render(version: str | None, out: Path, check: Callable[[Rendered], None] | N
     names = forged_names(vpin.wheel, forged_label(pins, vpin))
     wheel = names.filename
     forged_version = wheel.split("-")[1]
-    builder, runtime = pins.docker_images
+    base = pins.docker_base(vpin)
+    builder, runtime = base.builder.ref, base.runtime.ref
     template = data_dir() / "docker" / "Dockerfile.in"
     try:
         text = template.read_text()
@@ -59,12 +62,13 @@ def render(version: str | None, out: Path, check: Callable[[Rendered], None] | N
                          "reinstall vllm-forge, or fix VLLM_FORGE_DATA_DIR") from None
     for key, value in {"VLLM_VERSION": vpin.version, "WHEEL": wheel, "BASE_WHEEL": vpin.wheel,
                        "MANIFEST": wheel[:-4] + ".manifest.json", "FORGED_VERSION": forged_version,
-                       "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime,
+                       "PROVENANCE": wheel[:-4] + ".intoto.json", "SBOM": wheel[:-4] + ".cdx.json",
+                       "CUDA": base.cuda, "BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime,
                        "PLATFORM_OPTION": "" if vpin.platform == "x86_64" else f" --platform {vpin.platform}"}.items():
         text = text.replace(f"@{key}@", value)
     if re.search(r"@[A-Z_]+@", text):
         raise ForgeError("docker/Dockerfile.in has a placeholder no pin fills", "fix the template")
-    rendered = Rendered(out / "Dockerfile", wheel, vpin.wheel, forged_version)
+    rendered = Rendered(out / "Dockerfile", wheel, vpin.wheel, forged_version, base)
     with staged_output(out) as temp:
         staged = temp(".Dockerfile")
         staged.write_text(text)
@@ -72,6 +76,21 @@ def render(version: str | None, out: Path, check: Callable[[Rendered], None] | N
             check(rendered)
         publish(staged, rendered.dockerfile)
     return rendered
+
+
+def base_choice(base: DockerBase, version: str, builder_image: str | None = None,
+                runtime_image: str | None = None) -> list[str]:
+    """Lines saying which base images the build uses, why, and which are pinned by tag only."""
+    lines = [f"base images for vLLM {version} on {base.platform}: CUDA {base.cuda} ({base.why})"]
+    for role, pinned, override, flag in (("builder", base.builder, builder_image, "--builder-image"),
+                                         ("runtime", base.runtime, runtime_image, "--runtime-image")):
+        if override:
+            chosen, whence = BaseImage(*override.split("@", 1)) if "@" in override else BaseImage(override, ""), flag
+        else:
+            chosen, whence = pinned, "pins.json docker.bases"
+        lines.append(f"  {role}: {chosen.ref} (from {whence})" + (
+            "" if chosen.digest else " -- unpinned: tag only, no digest known here; the registry may move it"))
+    return lines
 
 
 def engine_answers(name: str) -> bool:
@@ -116,10 +135,11 @@ def engine_command(b: ImageBuild) -> list[str]:
     """The build command line. docker: BuildKit (build contexts, secrets, SOURCE_DATE_EPOCH as a
     build arg, which BuildKit applies to the image's times); buildah/podman: OCI image format (their
     docker format records the build container's random id and hostname: a new digest every build),
-    --timestamp for the created time and every file time in the new layers."""
+    --timestamp for the created time and every file time in the new layers, --layers for one layer
+    per instruction (as docker makes them; without it buildah commits a stage as one layer)."""
     cmd = [b.engine, "build"]
     if b.engine != "docker":
-        cmd += ["--format", "oci"]
+        cmd += ["--format", "oci", "--layers"]
         if b.isolation:
             cmd += ["--isolation", b.isolation]
         if b.timestamp is not None:
@@ -198,6 +218,8 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     epoch = parse_epoch(env_epoch) if build and env_epoch else None  # refused before anything is written
     rendered = render(version, out, check_fa4_cache, platform)
     print(f"rendered {rendered.dockerfile}", file=sys.stderr)
+    for line in base_choice(rendered.base, rendered.version, builder_image, runtime_image):
+        print(line, file=sys.stderr)
     if not build:
         return rendered.dockerfile
     chosen = pick_engine(engine)
@@ -212,8 +234,10 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     # the host's forge: the wheel the builder must reproduce, bit for bit
     result = forge(version, out / "dist", index_url=index_url, platform=platform)
     manifest = json.loads(result.manifest.read_text())
-    source, revision, commit_time = git_provenance(context)
-    timestamp = epoch if epoch is not None else commit_time if commit_time else int(manifest["source_date_epoch"])
+    source, revision, _ = git_provenance(context)
+    # the forged wheel's own time (the base wheel's, per release), not the checkout's commit time:
+    # a new commit of vllm-forge must not change the dependency layer's file times
+    timestamp = epoch if epoch is not None else int(manifest["source_date_epoch"])
     build_args = {
         "FORGED_WHEEL_SHA256": manifest["output"]["sha256"],
         "WHEEL_SOURCE_DATE_EPOCH": str(manifest["source_date_epoch"]),
@@ -236,10 +260,13 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
         link_or_copy(cache_dir() / "dl" / rendered.base_wheel, Path(wheels) / rendered.base_wheel)
         contexts = {"wheels": Path(wheels)}
         if fa4_cache is not None:
+            from .fetch import sha256_file
             from .kernel_cache import stage_cache
+            from .kernel_cache_child import MANIFEST
 
             stage_cache(fa4_cache, Path(kernels))
             contexts["fa4cache"] = Path(kernels)
+            build_args["FA4_CACHE_SHA256"] = sha256_file(Path(kernels) / MANIFEST)
         spec = ImageBuild(chosen, rendered.dockerfile, context, image_tag, build_args, contexts,
                           {"ca-bundle": ca} if ca else {}, timestamp, isolation, platform)
         cmd = engine_command(spec)
@@ -254,7 +281,61 @@ def docker(version: str | None, out: Path, build: bool, context: Path, tag: str 
     if r.returncode != 0:
         raise ForgeError(f"{chosen} build failed (exit {r.returncode})", "see the build output above")
     print(f"built {image_tag}", file=sys.stderr)
+    layers = image_layers(chosen, image_tag)
+    for line in layer_table(layers) if layers else [f"layers: see `{chosen} history {image_tag}`"]:
+        print(line, file=sys.stderr)
     return rendered.dockerfile
+
+
+@dataclass(frozen=True)
+class Layer:
+    diff_id: str  # sha256 of the uncompressed layer tar: what stays equal when the content does
+    size: int  # bytes of that tar (-1 where the engine does not say)
+    created_by: str
+
+
+def image_layers(engine: str, tag: str) -> list[Layer]:
+    """The image's layers, oldest first, from buildah's (or podman's: same storage) inspect output;
+    [] for docker, whose layer sizes `docker history` shows."""
+    if engine == "docker" or not shutil.which("buildah"):
+        return []
+    r = subprocess.run(["buildah", "inspect", "--type", "image", tag], capture_output=True, text=True)
+    return parse_layers(json.loads(r.stdout)) if r.returncode == 0 else []
+
+
+def parse_layers(info: dict[str, Any]) -> list[Layer]:
+    """Layers from `buildah inspect --type image`: OCI config diff_ids + history, manifest sizes."""
+    config = info["OCIv1"]
+    manifest = json.loads(info["Manifest"]) if isinstance(info.get("Manifest"), str) else info.get("Manifest", {})
+    sizes = [m.get("size", -1) for m in manifest.get("layers", [])]
+    history = [h for h in config.get("history", []) if not h.get("empty_layer")]
+    diff_ids = config["rootfs"]["diff_ids"]
+    if len(sizes) != len(diff_ids):
+        sizes = [-1] * len(diff_ids)
+    by = [h.get("created_by", "") for h in history] if len(history) == len(diff_ids) else [""] * len(diff_ids)
+    return [Layer(d, s, b) for d, s, b in zip(diff_ids, sizes, by, strict=True)]
+
+
+def human(n: int) -> str:
+    if n < 0:
+        return "?"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1000
+    return f"{n} B"
+
+
+def layer_table(layers: list[Layer]) -> list[str]:
+    lines = [f"layers ({len(layers)}, oldest first): diff_id, size, made by"]
+    for layer in layers:
+        what = " ".join(layer.created_by.split())
+        what = re.sub(r"^/bin/sh -c #\(nop\) |^\|\d+ .*?/bin/sh -c |^/bin/sh -c ", "", what)
+        what = re.sub(r"^(--mount=\S+ )+", "", what)  # RUN --mount=... flags: the command is what tells
+        what = re.sub(r"^if \[ -s /run/secrets/ca-bundle \]; then .*?; fi && ", "", what)
+        lines.append(f"  {layer.diff_id[:19]}  {human(layer.size):>9}  {what[:90]}")
+    return lines
 
 
 def scratch_containers(engine: str) -> set[str]:

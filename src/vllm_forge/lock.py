@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -131,26 +132,69 @@ def platform_args(wheel: Path, platform: str | None) -> list[str]:
     return ["--only-binary=:all:", *(f"--platform={p}" for p in dict.fromkeys(accepted))]
 
 
+
+def locked_dependencies(lines: list[str], wheel_ref: str) -> list[str]:
+    """The lock's lines without the wheel itself: what the image installs first, in its own layer
+    (it changes only when a dependency does, not when the wheel is forged again)."""
+    return [ln for ln in lines if not ln.startswith(f"{wheel_ref} \\\n")]
+
+
+def dependency_triples(lines: list[str], wheel_ref: str) -> list[tuple[str, str, str]]:
+    """(name, version, sha256) of every locked dependency, read back from the lock's lines."""
+    out = []
+    for ln in locked_dependencies(lines, wheel_ref):
+        spec, sha = ln.split(" \\\n    --hash=sha256:")
+        name, version = spec.split("==", 1)
+        out.append((name, version, sha))
+    return out
+
+
 def lock(wheel: Path, out: Path, wheel_ref: str | None = None, python: str | None = None,
-         index_url: str | None = None, tested: bool = True, platform: str | None = None) -> Path:
+         index_url: str | None = None, tested: bool = True, dependencies_out: Path | None = None,
+         sbom_out: Path | None = None, platform: str | None = None) -> Path:
     """tested: constrain FA4's runtime packages to pins.json's `tested_with` (the set measured on
-    the H100); otherwise pip takes the newest versions FA4's ranges admit."""
+    the H100); otherwise pip takes the newest versions FA4's ranges admit. dependencies_out: the
+    same lock without the wheel (installed as its own image layer); sbom_out: CycloneDX JSON of both."""
     if not wheel.is_file():
         raise ForgeError(f"{wheel} does not exist", "give the path of a forged wheel")
     check_wheel_name(wheel.name, "wheel")
     check_wheel_ref(wheel_ref if wheel_ref is not None else str(wheel))
-    if out.is_dir():
-        raise ForgeError(f"--out {out} is a directory", "give the path of the requirements file to write")
-    check_output_dir(out.parent, "the directory of --out")
-    check_target(out, "--out")  # a device, FIFO or socket is refused, not replaced
+    outs = [("--out", out), ("--dependencies-out", dependencies_out), ("--sbom-out", sbom_out)]
+    for flag, path in outs:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ForgeError(f"{flag} {path} is a directory", "give the path of the file to write")
+        check_output_dir(path.parent, f"the directory of {flag}")
+        check_target(path, flag)  # a device, FIFO or socket is refused, not replaced
     pip_args = (["--index-url", index_url] if index_url else []) + platform_args(wheel, platform)
     items = resolve(wheel.resolve(), python or sys.executable, pip_args, load_pins().fa.tested_with if tested else ())
-    lines = lock_lines(wheel, items, wheel_ref or str(wheel))
+    wheel_ref = wheel_ref or str(wheel)
+    lines = lock_lines(wheel, items, wheel_ref)
+    texts: list[tuple[Path, str]] = []
     header = (f"# vllm-forge lock: {wheel.name} and its {len(lines) - 1} dependencies, hash-pinned\n"
               "# install with: pip install --require-hashes --no-deps -r <this file>\n")
-    with staged_output(out.parent, "the directory of --out") as temp:
-        staged = temp(".txt")
-        staged.write_text(header + "\n".join(lines) + "\n")
-        publish(staged, out)
+    texts.append((out, header + "\n".join(lines) + "\n"))
+    if dependencies_out is not None:
+        deps = locked_dependencies(lines, wheel_ref)
+        # no wheel name here: the image layer made from this file stays the same across re-forges
+        texts.append((dependencies_out, f"# vllm-forge lock: {len(deps)} dependencies, hash-pinned (the forged "
+                      "wheel itself: --no-deps, after these)\n" + "\n".join(deps) + "\n"))
+    if sbom_out is not None:
+        from .docker import wheel_stamp
+        from .output import source_date_epoch
+        from .sbom import sbom_json
+
+        try:
+            made = json.loads(wheel_stamp(wheel))["source_date_epoch"]
+        except (StopIteration, KeyError, ValueError, OSError, zipfile.BadZipFile):
+            raise ForgeError(f"{wheel.name} has no vllm-forge stamp", "an SBOM is made for a forged wheel") from None
+        epoch, _ = source_date_epoch(int(made), "the forged wheel's source date epoch")
+        texts.append((sbom_out, sbom_json(wheel.name, sha256_file(wheel), dependency_triples(lines, wheel_ref), epoch)))
+    for path, text in texts:  # all made before any is written
+        with staged_output(path.parent, "the directory of --out") as temp:
+            staged = temp(path.suffix or ".txt")
+            staged.write_text(text)
+            publish(staged, path)
     print(f"locked {len(lines)} distributions", file=sys.stderr)
     return out

@@ -118,13 +118,44 @@ class FaPin:
 
 
 @dataclass(frozen=True)
+class BaseImage:
+    image: str   # name:tag
+    digest: str  # sha256:<64 hex>, or "" where none is known (pinned by tag only)
+
+    @property
+    def ref(self) -> str:
+        """What FROM gets: name:tag@digest where a digest is known, else name:tag."""
+        return f"{self.image}@{self.digest}" if self.digest else self.image
+
+
+@dataclass(frozen=True)
+class DockerBase:
+    """The CUDA bases of the image for the releases `vllm` (a version specifier) on `platform`."""
+    vllm: str
+    platform: str  # the machine of the pinned wheel's platform tag: x86_64, aarch64
+    cuda: str
+    builder: BaseImage
+    runtime: BaseImage
+    why: str = ""
+
+
+def wheel_platform(wheel: str) -> str:
+    """The machine of a wheel file name's platform tag (manylinux_2_31_x86_64 -> x86_64)."""
+    from packaging.utils import parse_wheel_filename
+
+    machines = {t.platform.split("_", 3)[-1] if t.platform.startswith("manylinux_") else t.platform.split("_", 1)[-1]
+                for t in parse_wheel_filename(wheel)[3]}
+    return machines.pop() if len(machines) == 1 else ""
+
+
+@dataclass(frozen=True)
 class Pins:
     path: Path
     default_vllm: str
     index_project: str
     vllm: dict[str, VllmPin]
     fa: FaPin
-    docker_images: tuple[str, str]  # default builder and runtime base images (docker/Dockerfile.in)
+    docker_bases: tuple[DockerBase, ...]  # the image's base images per release and platform
 
     def for_version(self, version: str, servable: bool = True, platform: str = "x86_64") -> VllmPin:
         try:
@@ -160,6 +191,17 @@ class Pins:
                                    wheel_choice=str(spec.get("wheel_choice", "")), platform=platform,
                                    refused=refused)
 
+    def docker_base(self, vpin: VllmPin) -> DockerBase:
+        """The CUDA bases for vpin's release on its wheel's platform (exactly one row matches)."""
+        from packaging.specifiers import SpecifierSet
+
+        platform = wheel_platform(vpin.wheel)
+        rows = [b for b in self.docker_bases if b.platform == platform and vpin.version in SpecifierSet(b.vllm)]
+        if len(rows) != 1:
+            raise ForgeError(f"pins.json has {len(rows)} docker base rows for vLLM {vpin.version} on {platform or '?'}",
+                             "give that release and platform exactly one row in pins.json's docker.bases")
+        return rows[0]
+
     def fa_commit(self, vpin: VllmPin) -> str:
         """The flash-attention commit whose FA4 the forged wheel of vpin carries."""
         return self.fa.commit if vpin.plan == "backport" else vpin.flash_attention_commit
@@ -171,6 +213,8 @@ def version_key(v: str) -> tuple[int, ...]:
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*:[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # registry/name:tag
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a plain file name: no directories, no '..'
 
 
@@ -201,6 +245,17 @@ def _check(pins: Pins) -> None:
     for what, value, shape in checks:
         if not isinstance(value, str) or not shape.match(value):
             raise ValueError(f"{what} {value!r} does not have the shape it must have")
+    for b in pins.docker_bases:
+        for img in (b.builder, b.runtime):
+            bad_digest = bool(img.digest) and not _DIGEST.match(img.digest)
+            if not isinstance(img.image, str) or not _IMAGE.match(img.image) or bad_digest:
+                raise ValueError(f"docker base {img.image!r}@{img.digest!r} is not an image name:tag "
+                                 "(and sha256 digest)")
+    for vp in pins.vllm.values():
+        try:
+            pins.docker_base(vp)  # every pinned release has its bases
+        except ForgeError as e:
+            raise ValueError(e.what) from None
     if pins.default_vllm not in pins.vllm:
         raise ValueError(f"default_vllm {pins.default_vllm!r} is not pinned")
 
@@ -247,7 +302,9 @@ def load_pins(path: Path | None = None) -> Pins:
                 wheel_mirror=WheelMirror(**fa["wheel_mirror"]),
                 fa4_wheel=Fa4Wheel(**{**fa["fa4_wheel"], "requires": tuple(fa["fa4_wheel"]["requires"])}),
             ),
-            docker_images=(raw["docker"]["builder_image"], raw["docker"]["runtime_image"]),
+            docker_bases=tuple(DockerBase(**{**b, "builder": BaseImage(**b["builder"]),
+                                              "runtime": BaseImage(**b["runtime"])})
+                               for b in raw["docker"]["bases"]),
         )
         _check(pins)
         return pins

@@ -28,9 +28,14 @@ def series_root(root: Path | None = None) -> Path:
     return root or data_dir() / "patches" / "flash-attention"
 
 
+def series_sha256(patch_sha256s: list[str]) -> str:
+    """The hash of a series: over its patches' sha256, in order."""
+    return hashlib.sha256("".join(patch_sha256s).encode()).hexdigest()
+
+
 def series_hash(patch_sha256s: list[str]) -> str:
-    """The short hash that names a series in version labels: over its patches' sha256, in order."""
-    return hashlib.sha256("".join(patch_sha256s).encode()).hexdigest()[:7]
+    """The short hash that names a series in version labels (series_sha256's first 7 hex digits)."""
+    return series_sha256(patch_sha256s)[:7]
 
 
 def dir_series_hash(patch_dir: Path) -> str:
