@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from functools import cache
 from pathlib import Path
 
@@ -119,3 +120,40 @@ def default_fa_series() -> list[tuple[str, str, set[str]]]:
         touched = {ln.split("flash_attn/cute/", 1)[1] for ln in text.splitlines() if ln.startswith("+++ b/")}
         out.append((patch.name, hashlib.sha256(patch.read_bytes()).hexdigest(), touched))
     return out
+
+
+# A script run in a fresh interpreter on a release's real vLLM package (its .py files unpacked into
+# sys.argv[1]): the device is a vLLM Platform reporting compute capability FakeGpu.capability (9.0
+# unless the script changes it), and the compiled FA2/FA3 extensions are present as far as vLLM can tell.
+FAKE_GPU_PRELUDE = r"""
+import sys, types
+sys.path.insert(0, sys.argv[1])
+import vllm.platforms as platforms
+from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+class FakeGpu(Platform):
+    _enum = PlatformEnum.CUDA
+    device_name = device_type = "cuda"
+    dispatch_key = "CUDA"
+    capability = DeviceCapability(9, 0)
+
+    @classmethod
+    def get_device_capability(cls, device_id=0):
+        return cls.capability
+
+platforms._current_platform = FakeGpu()
+for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
+    sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+"""
+
+
+def run_on_release(wheel: Path, tmp_path: Path, script: str, *args: str) -> list[str]:
+    """FAKE_GPU_PRELUDE + script on the .py files of `wheel` (stock or forged): its stdout lines."""
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")])
+    probe = tmp_path / "probe.py"
+    probe.write_text(FAKE_GPU_PRELUDE + script)
+    run = subprocess.run([sys.executable, str(probe), str(tmp_path), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()

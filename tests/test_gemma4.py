@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from vllm_forge.fetch import Index
 from vllm_forge.overlay import gemma4_fa4_for, made_for
 from vllm_forge.pins import GEMMA4_LAYER, load_pins
 
-from conftest import real_wheel, run_cli
+from conftest import real_wheel, run_cli, run_on_release
 
 CONFIG = "vllm/model_executor/models/config.py"
 
@@ -59,29 +57,10 @@ def test_explicit_layer_on_another_release_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-# What Gemma4Config decides, run in a fresh interpreter on a release's real vLLM package (CPU:
-# the device is a vLLM Platform reporting a compute capability; the compiled FA2/FA3 extensions
-# are present as far as vLLM can tell; FA4 is as the wheel has it unless a case removes it).
+# What Gemma4Config decides, run in a fresh interpreter on a release's real vLLM package (CPU, a faked
+# device: conftest.FAKE_GPU_PRELUDE; FA4 is as the wheel has it unless a case removes it).
 PROBE = r"""
-import json, logging, os, sys, types
-site = sys.argv[1]
-sys.path.insert(0, site)
-import vllm.platforms as platforms
-from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
-
-class FakeGpu(Platform):
-    _enum = PlatformEnum.CUDA
-    device_name = device_type = "cuda"
-    dispatch_key = "CUDA"
-    capability = DeviceCapability(9, 0)
-
-    @classmethod
-    def get_device_capability(cls, device_id=0):
-        return cls.capability
-
-platforms._current_platform = FakeGpu()
-for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
-    sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+import json, logging, os
 import vllm.vllm_flash_attn.flash_attn_interface as fi
 from transformers import PretrainedConfig
 from vllm.config.attention import AttentionConfig
@@ -125,13 +104,7 @@ print(json.dumps({
 
 
 def decisions(wheel: Path, tmp_path: Path) -> dict[str, list]:
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")])
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    run = subprocess.run([sys.executable, str(probe), str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(run_on_release(wheel, tmp_path, PROBE)[-1])  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

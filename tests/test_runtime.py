@@ -4,7 +4,6 @@ decisions, and its presence in a real forged wheel."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from vllm_forge.runtime import add_entry_point, has_entry_point
 
-from conftest import real_wheel
+from conftest import real_wheel, run_on_release
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("_forge_runtime", REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py")
@@ -31,29 +30,12 @@ def test_page64_block_size_takes_the_smallest_that_gives_64() -> None:
 # Gemma-4-31B's layers through a release's own Attention.get_kv_cache_spec and page-size unification:
 # 5 sliding (16 kv heads x 256, window 1024) per global (4 kv heads x 512), bf16, FLASH_ATTN.
 PAGES_PROBE = r"""
-import sys, types, importlib.util
-site, runtime = sys.argv[1], sys.argv[2]
-sys.path.insert(0, site)
+import importlib.util
 import torch
-import vllm.platforms as platforms
-from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
-
-class FakeGpu(Platform):
-    _enum = PlatformEnum.CUDA
-    device_name = device_type = "cuda"
-    dispatch_key = "CUDA"
-
-    @classmethod
-    def get_device_capability(cls, device_id=0):
-        return DeviceCapability(9, 0)
-
-platforms._current_platform = FakeGpu()
-for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
-    sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
-spec = importlib.util.spec_from_file_location("_forge_runtime", runtime)
+spec = importlib.util.spec_from_file_location("_forge_runtime", sys.argv[2])
 rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)
 
@@ -80,15 +62,9 @@ def test_page64_block_size_by_each_release_own_layout(version: str, default_page
     """0.22.x: every layer on the block size, so 32 gives the global layers 64-token pages; 0.25.x:
     sliding-window layers take their own 16-token blocks, so only 64 does (32 left them on 32-token
     pages, the slow path, while the log said otherwise)."""
-    with zipfile.ZipFile(real_wheel(version)) as zf:
-        zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")])
-    probe = tmp_path / "probe.py"
-    probe.write_text(PAGES_PROBE)
-    run = subprocess.run([sys.executable, str(probe), str(tmp_path), str(REPO / "vllm_overlay" / "runtime" /
-                                                                           "_forge_runtime.py")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    how, result = run.stdout.strip().splitlines()[-2:]
+    out = run_on_release(real_wheel(version), tmp_path, PAGES_PROBE,
+                         str(REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py"))
+    how, result = out[-2:]
     assert how == "vLLM's own KV cache specs, unified"
     assert result.split() == [str(default_page), str(block)]
 
@@ -166,7 +142,6 @@ def test_serving_warmup_skips_what_it_cannot_drive(caplog) -> None:  # type: ign
 def test_jit_monitor_starts_after_the_warmup(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """vLLM's warm-up ends by starting its JIT monitor: the serving warm-up runs right before it (so its
     compiles are not reported as compiles during inference), once, and the monitor still starts."""
-    import sys
     import types
     order: list[str] = []
     mod = types.ModuleType("vllm.utils.jit_monitor")
@@ -199,7 +174,6 @@ def test_serving_steps_match_each_release_api(pins) -> None:  # type: ignore[no-
     """The warm-up builds what vLLM's scheduler sends: the fields and methods it sets exist in the
     real sources of every release whose wheel the tests download (parsed, not imported)."""
     import ast
-    from conftest import real_wheel
 
     checked = []
     for version in ("0.17.0", "0.19.1", "0.22.1", "0.25.1", "0.33.0"):

@@ -151,7 +151,7 @@ def _check_fields(wheel: Path, wheel_sha256: str, stamp: dict[str, Any], pins: P
     if got != wheel_sha256 or subjects[0].get("name") != wheel.name:
         raise _fail(wheel, f"subject {subjects[0].get('name')} sha256 {str(got)[:12]} is not this wheel "
                            f"({wheel_sha256[:12]})")
-    vpin = pins.for_version(stamp["vllm"]["version"])
+    vpin = pins.for_version(stamp["vllm"]["version"], platform=str(stamp["vllm"].get("platform", "x86_64")))
     deps = _descriptors(st)
     base = deps.get(vpin.wheel, {}).get("digest", {}).get("sha256")
     if base != vpin.wheel_sha256:
