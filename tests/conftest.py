@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -157,3 +158,12 @@ def run_on_release(wheel: Path, tmp_path: Path, script: str, *args: str) -> list
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout.strip().splitlines()
+
+
+def drop_series(data: Path, pin7: str) -> None:
+    """Remove the flash-attention series of FA pin `pin7` from a data copy (its directory and manifest entry)."""
+    path = data / "patches" / "flash-attention" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["series"] = {k: v for k, v in manifest["series"].items() if v["dir"] != pin7}
+    path.write_text(json.dumps(manifest))
+    shutil.rmtree(data / "patches" / "flash-attention" / pin7)

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.utils import parse_wheel_filename
 
-from conftest import copy_data, run_cli
+from conftest import copy_data, drop_series, run_cli
 from vllm_forge.pins import data_dir, load_pins
 from vllm_forge.verify import STAMP
 
@@ -100,20 +99,12 @@ def test_pin_a_shipped_release_gives_the_shipped_entry(tmp_path: Path) -> None:
     assert sorted(p.name for p in user.iterdir()) == ["pins.json"]  # its FA pin has the tool's series
 
 
-def _drop_series(data: Path, pin7: str) -> None:
-    path = data / "patches" / "flash-attention" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["series"] = {k: v for k, v in manifest["series"].items() if v["dir"] != pin7}
-    path.write_text(json.dumps(manifest))
-    shutil.rmtree(data / "patches" / "flash-attention" / pin7)
-
-
 @pytest.mark.network
 def test_pin_ports_the_nearest_series_then_build_asks_for_validation(tmp_path: Path) -> None:
     """Without the tool's series for 2c839c3 (vLLM 0.25.x), `pin 0.25.1` ports 0.24.0's by three-way merge
     into the user data dir: exactly the committed series. `build` then refuses it as unvalidated."""
     data = copy_data(tmp_path / "data")
-    _drop_series(data, "2c839c3")
+    drop_series(data, "2c839c3")
     user = tmp_path / "user"
     env = {"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FORGE_USER_DATA_DIR": str(user)}
     r = run_cli("pin", "0.25.1", env=env)
@@ -135,7 +126,7 @@ def test_pin_ports_the_nearest_series_then_build_asks_for_validation(tmp_path: P
 @pytest.mark.network
 def test_pin_conflict_and_bad_input_write_nothing(tmp_path: Path) -> None:
     data = copy_data(tmp_path / "data")
-    _drop_series(data, "b273a02")
+    drop_series(data, "b273a02")
     user = tmp_path / "user"
     env = {"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FORGE_USER_DATA_DIR": str(user)}
     r = run_cli("pin", "0.33.0", "--conflicts", str(tmp_path / "conflicts"), env=env)

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import copy_data, real_wheel, run_cli
+from conftest import copy_data, drop_series, real_wheel, run_cli
 
 from vllm_forge.build import build
 from vllm_forge.errors import ForgeError
@@ -148,17 +148,9 @@ def data_copy(tmp_path: Path) -> Path:
     return copy_data(tmp_path / "data", "patches")
 
 
-def _drop_series(data: Path, pin7: str) -> None:
-    path = data / "patches" / "flash-attention" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["series"] = {k: v for k, v in manifest["series"].items() if v["dir"] != pin7}
-    path.write_text(json.dumps(manifest))
-    shutil.rmtree(data / "patches" / "flash-attention" / pin7)
-
-
 def test_refresh_fa_series_reproduces_committed_port(data_copy: Path) -> None:
     """The committed series of 2c839c3 (vLLM 0.25.x) is exactly what the three-way merge makes."""
-    _drop_series(data_copy, "2c839c3")
+    drop_series(data_copy, "2c839c3")
     port = refresh_fa_series("0.22.0", "0.25.0", data_copy)
     assert port.patches == ["0001-sm90-hd512-pv-rs.patch", "0002-sm90-hd512-split-qk-head-dim.patch"]
     repo = data_dir() / "patches" / "flash-attention" / "2c839c3"
@@ -171,7 +163,7 @@ def test_refresh_fa_series_reproduces_committed_port(data_copy: Path) -> None:
 
 def test_refresh_fa_series_conflict_writes_nothing(data_copy: Path, tmp_path: Path) -> None:
     """b273a026 (vLLM 0.33.0) moved code under our hunks: the report names patch, file and hunks."""
-    _drop_series(data_copy, "b273a02")
+    drop_series(data_copy, "b273a02")
     before = {p: p.read_bytes() for p in data_copy.rglob("*") if p.is_file()}
     with pytest.raises(ForgeError, match=r"0002-sm90-hd512-split-qk-head-dim.patch: flash_attn/cute/"
                                          r"flash_fwd_sm90.py \d+ hunk\(s\) at merged lines"):
@@ -185,7 +177,7 @@ def test_refresh_fa_series_refuses_existing_and_unknown(data_copy: Path) -> None
     with pytest.raises(ForgeError, match="already has series 2c839c3"):
         refresh_fa_series("0.22.0", "0.25.1", data_copy)
     assert fa_target(load_pins(), load_pins().vllm["0.19.1"]).short == "bce2942"  # backport: the backport pin
-    _drop_series(data_copy, "bce2942")
+    drop_series(data_copy, "bce2942")
     with pytest.raises(ForgeError, match="has no series to port"):
         refresh_fa_series("0.22.0", "0.25.1", data_copy)
 
