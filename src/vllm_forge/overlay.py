@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ForgeError
 from .fetch import safe_member_name
 from .patching import AppliedPatch, apply_patch
-from .pins import GEMMA4_LAYER, data_dir
+from .pins import GEMMA4_LAYER, data_dir, version_key
 
 PAGED_KV_REFUSAL = b"FA4 with paged KV is not supported on SM90"
 HEAD_512_ACCEPTED = b"head_size <= 512"
@@ -208,8 +208,7 @@ def made_for(overlay_id: str, root: Path | None = None) -> list[str]:
     try:
         paths = set(manifest["overlays"][overlay_id]["files"])
         return sorted({v for b in manifest["bases"].values() if b["path"] in paths
-                       and overlay_id in b["results"] for v in b["seen_in"]},
-                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+                       and overlay_id in b["results"] for v in b["seen_in"]}, key=version_key)
     except (KeyError, TypeError, AttributeError) as e:
         raise ForgeError(f"overlay {overlay_id!r} in {overlay_root(root) / 'manifest.json'} is malformed: "
                          f"{type(e).__name__}: {e}", "fix the overlay manifest") from None
