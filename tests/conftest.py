@@ -124,27 +124,13 @@ def default_fa_series() -> list[tuple[str, str, set[str]]]:
 
 
 # A script run in a fresh interpreter on a release's real vLLM package (its .py files unpacked into
-# sys.argv[1]): the device is a vLLM Platform reporting compute capability FakeGpu.capability (9.0
-# unless the script changes it), and the compiled FA2/FA3 extensions are present as far as vLLM can tell.
-FAKE_GPU_PRELUDE = r"""
+# sys.argv[1]) on the faked device of fake_gpu.py: FakeGpu and DeviceCapability are defined for it.
+FAKE_GPU_PRELUDE = f"""
 import sys, types
 sys.path.insert(0, sys.argv[1])
-import vllm.platforms as platforms
-from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
-
-class FakeGpu(Platform):
-    _enum = PlatformEnum.CUDA
-    device_name = device_type = "cuda"
-    dispatch_key = "CUDA"
-    capability = DeviceCapability(9, 0)
-
-    @classmethod
-    def get_device_capability(cls, device_id=0):
-        return cls.capability
-
-platforms._current_platform = FakeGpu()
-for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):
-    sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+sys.path.insert(1, {str(Path(__file__).resolve().parent)!r})
+from fake_gpu import install
+FakeGpu, DeviceCapability = install()
 """
 
 

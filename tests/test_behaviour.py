@@ -20,6 +20,8 @@ import pytest
 
 from vllm_forge.build import BuildResult
 
+from fake_gpu import install
+
 torch = pytest.importorskip("torch")
 
 
@@ -32,22 +34,7 @@ def vllm(forged_for_behaviour: BuildResult,
     dist_info = forged_for_behaviour.wheel.name.split("-")[:2]
     assert (site / f"{'-'.join(dist_info)}.dist-info").is_dir()
     sys.path.insert(0, str(site))
-    import vllm.platforms as platforms
-    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
-
-    class FakeGpu(Platform):
-        _enum = PlatformEnum.CUDA
-        device_name = device_type = "cuda"
-        dispatch_key = "CUDA"
-        capability = DeviceCapability(9, 0)
-
-        @classmethod
-        def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
-            return cls.capability
-
-    platforms._current_platform = FakeGpu()
-    for ext in ("_vllm_fa2_C", "_vllm_fa3_C"):  # compiled FA2/FA3: present as far as vLLM can tell
-        sys.modules[f"vllm.vllm_flash_attn.{ext}"] = types.ModuleType(ext)
+    FakeGpu, DeviceCapability = install()
     import vllm.vllm_flash_attn.flash_attn_interface as fi
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.config.attention import AttentionConfig
