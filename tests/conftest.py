@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +27,17 @@ index = cache(lambda: Index())
 def _own_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test reads or writes the validation records of the machine's user (build's gate reads them)."""
     monkeypatch.setenv("VLLM_FORGE_USER_DATA_DIR", str(tmp_path_factory.mktemp("user-data")))
+
+
+@contextmanager
+def scratch(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A directory for a module-scoped fixture's forged wheel, removed when the fixture ends (the
+    session's temporary directory would otherwise hold every ~400 MB wheel until pytest exits)."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ GPU here.
 from __future__ import annotations
 
 import importlib.machinery
+import shutil
 import subprocess
 import sys
 import types
@@ -45,6 +46,7 @@ def vllm(forged_for_behaviour: BuildResult,
                                 DeviceCapability=DeviceCapability, VllmConfig=VllmConfig,
                                 AttentionConfig=AttentionConfig, set_config=set_current_vllm_config)
     sys.path.remove(str(site))
+    shutil.rmtree(site, ignore_errors=True)
 
 
 @pytest.fixture

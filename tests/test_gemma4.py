@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from vllm_forge.fetch import Index
 from vllm_forge.overlay import gemma4_fa4_for, made_for
 from vllm_forge.pins import GEMMA4_LAYER, load_pins
 
-from conftest import real_wheel, run_cli, run_on_release
+from conftest import real_wheel, run_cli, run_on_release, scratch
 
 CONFIG = "vllm/model_executor/models/config.py"
 
@@ -108,8 +109,9 @@ def decisions(wheel: Path, tmp_path: Path) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def forged_0_22_1(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build("0.22.1", tmp_path_factory.mktemp("forged-0.22.1"))
+def forged_0_22_1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildResult]:
+    with scratch(tmp_path_factory, "forged-0.22.1") as out:
+        yield build("0.22.1", out)
 
 
 @pytest.mark.network

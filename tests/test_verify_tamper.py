@@ -19,11 +19,12 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import real_wheel, run_cli
+from conftest import real_wheel, run_cli, scratch
 from loopback import Served, loopback_index
 from test_hostile import PATCH, listing, one_error
 from vllm_forge.build import build
@@ -38,12 +39,14 @@ RELEASES = ["0.19.1", "0.22.1"]  # a backport and a tune release (its own FA pin
 
 
 @pytest.fixture(scope="module", params=RELEASES)
-def forged_wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def forged_wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     version = request.param
     if version == "0.19.1":
-        return request.getfixturevalue("forged").wheel  # type: ignore[no-any-return]
+        yield request.getfixturevalue("forged").wheel
+        return
     real_wheel(version)
-    return build(version, tmp_path_factory.mktemp(f"forged-{version}")).wheel
+    with scratch(tmp_path_factory, f"forged-{version}") as out:
+        yield build(version, out).wheel
 
 
 def _row(name: str, data: bytes) -> list[str]:
