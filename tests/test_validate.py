@@ -301,3 +301,49 @@ def test_bench_report_of_every_saved_run(run: str) -> None:
             warm = sorted([x["ttft_warm_s"], *x.get("ttft_warm_more_s", [])])
             med = (warm[(len(warm) - 1) // 2] + warm[len(warm) // 2]) / 2
             assert f"| {x['name']} | " in r.stdout and f"{x['ttft_first_s']:.3f} / {med:.3f}" in r.stdout
+
+
+H200 = ROOT / "docs" / "data" / "validate-2026-12-01-h200"
+
+
+@pytest.mark.parametrize(("version", "has"), [("0.25.1", False), ("0.33.0", True)])
+def test_fp8_kv_path_read_from_the_tree(version: str, has: bool) -> None:
+    """The fp8-KV check runs where the release's FA4 has the bf16-q / e4m3-KV path (flash-attention 06bdd47
+    on), else it is skipped: on the H200 (2026-12-01) 0.25.1's FA4 refused it ("inputs must have the same
+    dtype") while an older heuristic had found KV descales in the wrapper's text."""
+    from vllm_forge.gpu.validate import fp8_kv_path
+
+    vp = load_pins().for_version(version)
+    files, _ = stock_files(vp, None, None)
+    why = fp8_kv_path(files["flash_attn_interface.py"].decode(), files["cute/interface.py"].decode())
+    assert (why == "") is has, why
+    if not has:
+        failed = json.loads((H200 / f"validate-{version}-sm90-nvidia-h200.json").read_text())["checks"][-1]
+        assert "fp8 KV" in failed["name"] and "inputs must have the same dtype" in failed["error"]
+
+
+def test_h200_record_admits_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record `vllm-forge validate` wrote on the H200 for 0.33.0 (docs/data) is what lets `build`
+    forge 0.33.0 without --allow-unvalidated once the tool's own record of the series is gone; the failed
+    0.25.1 record does not admit 0.25.1."""
+    data = copy_data(tmp_path / "data")
+    manifest = json.loads((data / "patches/flash-attention/manifest.json").read_text())
+    pins = load_pins()
+    for version in ("0.33.0", "0.25.1"):
+        manifest["series"][pins.vllm[version].cute_tree_sha256]["validation"] = None
+    (data / "patches/flash-attention/manifest.json").write_text(json.dumps(manifest))
+    env = {"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FORGE_USER_DATA_DIR": str(tmp_path / "user")}
+    real_wheel("0.33.0")
+    assert "is not GPU-validated" in one_error(run_cli("build", "--vllm", "0.33.0", "--out", str(tmp_path / "o"),
+                                                       env=env))
+    for version in ("0.33.0", "0.25.1"):
+        rec = json.loads((H200 / f"validate-{version}-sm90-nvidia-h200.json").read_text())
+        assert rec["device"]["name"] == "NVIDIA H200" and rec["passed"] is (version == "0.33.0")
+        write_record(rec, tmp_path / "user")
+    r = run_cli("build", "--vllm", "0.33.0", "--out", str(tmp_path / "o"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "validated on NVIDIA H200 (sm90, driver 580.159.04) on 2026-12-01" in r.stderr
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ForgeError, match="its GPU validation|is not GPU-validated"):
+        check_tune(pins, pins.vllm["0.25.1"], None, "bundled", False, "sm90")

@@ -10,8 +10,9 @@ calls it (paged KV, `seqused_k`, `block_table`, `out=`):
 Checks (forged side; rel L2 <= 1e-2 against float64, output poisoned with NaN first): heads 512/256
 x pages 16/32/64 x GQA 8:1 and 16:1 on a mixed prefill + decode batch, causal; non-causal; q as a
 strided view into a fused qkv buffer; a decode batch captured in a CUDA graph and replayed on new
-contents and lengths; a 256-key sliding window at head 256; fp8 (e4m3) KV at head 512 on 64-token
-pages where the tree's FA4 path takes KV descales (else recorded as skipped, with why).
+contents and lengths; a 256-key sliding window at head 256; fp8 (e4m3) KV with bf16 queries at head 512
+on 64-token pages where the tree's FA4 has that path (`fp8_kv_dequant`, flash-attention 06bdd47 on; else
+recorded as skipped, with why).
 
 A/B (forged vs stock, same inputs): prefill 4x4096 and 1x16384, decode 64x8192 and 16x32768, heads
 512/256, pages 16/64, 32 q / 4 kv heads, bf16. Each round times both sides, the order alternating
@@ -249,13 +250,25 @@ def load_sides(req: ValidateRequest, stamp: dict[str, Any], forged_files: dict[s
                  fi, origin, forged_origin)
 
 
+def fp8_kv_path(wrapper_src: str, cute_interface_src: str) -> str:
+    """'' when a tree's FA4 serves bf16 queries on fp8 (e4m3) K/V -- its cute `_flash_attn_fwd` takes
+    `fp8_kv_dequant` and vLLM's `flash_attn_varlen_func` passes it on -- else why not. (Trees before
+    flash-attention 06bdd47 take KV descales only with q, K and V all fp8: "inputs must have the same dtype".)"""
+    import ast
+
+    fwd = next((n for n in ast.walk(ast.parse(cute_interface_src))
+                if isinstance(n, ast.FunctionDef) and n.name == "_flash_attn_fwd"), None)
+    takes = fwd is not None and any(a.arg == "fp8_kv_dequant" for a in fwd.args.args + fwd.args.kwonlyargs)
+    if takes and "fp8_kv_dequant" in wrapper_src:
+        return ""
+    return "this tree's FA4 has no fp8-KV path (no fp8_kv_dequant: q, K and V must share a dtype)"
+
+
 def fp8_supported(interface: Any) -> str:
-    """'' when the tree's FA4 branch of flash_attn_varlen_func passes KV descales on, else why not."""
     import inspect
 
-    src = inspect.getsource(interface.flash_attn_varlen_func)
-    fa4 = src[src.find("fa_version == 4"):]
-    return "" if "k_descale" in fa4 else "this tree's FA4 path of flash_attn_varlen_func takes no KV descales"
+    cute = Path(str(interface.__file__)).parent / "cute" / "interface.py"
+    return fp8_kv_path(inspect.getsource(interface.flash_attn_varlen_func), cute.read_text())
 
 
 # ------------------------------------------------------------------ checks
