@@ -56,12 +56,13 @@ print(pages(16)["global"], rt.page64_block_size(pages))
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("version, default_page, block", [("0.22.1", 32, 32), ("0.25.1", 32, 64)])
+@pytest.mark.parametrize("version, default_page, block", [("0.22.1", 32, 32), ("0.25.1", 32, 64), ("0.33.0", 32, 32)])
 def test_page64_block_size_by_each_release_own_layout(version: str, default_page: int, block: int,
                                                        tmp_path: Path) -> None:
     """0.22.x: every layer on the block size, so 32 gives the global layers 64-token pages; 0.25.x:
     sliding-window layers take their own 16-token blocks, so only 64 does (32 left them on 32-token
-    pages, the slow path, while the log said otherwise)."""
+    pages, the slow path, while the log said otherwise); 0.33.0: vLLM's unification moved to
+    kv_cache_planning, found there, and every layer on the block size again."""
     out = run_on_release(real_wheel(version), tmp_path, PAGES_PROBE,
                          str(REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py"))
     how, result = out[-2:]
@@ -194,3 +195,26 @@ def test_serving_steps_match_each_release_api(pins) -> None:  # type: ignore[no-
                         assert {"request", "block_ids", "prefill_token_ids"} <= {a.arg for a in fr.args.args}, version
         checked.append(version)
     assert len(checked) == 5
+
+
+KERNEL_PAGE_PROBE = PAGES_PROBE.split("cfg = types")[0] + r"""
+for dt in ("auto", "fp8"):
+    cfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=16, skip_page_size_padded=None,
+                                                                   cache_dtype=dt),
+                                model_config=types.SimpleNamespace(use_mla=False))
+    g = layer(4, 512, None)
+    g.kv_cache_dtype, g.kv_cache_torch_dtype = dt, torch.uint8 if dt == "fp8" else torch.bfloat16
+    print(dt, rt._kernel_page(cfg, {"global": g}, {"global"}))
+"""
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("version, fp8", [("0.25.1", None), ("0.33.0", 64)])
+def test_upstream_fp8_kernel_page_is_kept(version: str, fp8: int | None, tmp_path: Path) -> None:
+    """0.31.0 on, vLLM's own FLASH_ATTN backend pins the kernel page of SM90 head-512 layers with an fp8
+    KV cache at 64 (its FP8-KV kernel's tile): the runtime layer sees that through the backend's own
+    get_supported_kernel_block_sizes(spec) and keeps vLLM's block size; bf16, and releases before the rule,
+    leave the choice to the runtime layer."""
+    out = run_on_release(real_wheel(version), tmp_path, KERNEL_PAGE_PROBE,
+                         str(REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py"))
+    assert out[-2:] == ["auto None", f"fp8 {fp8}"]

@@ -23,7 +23,10 @@ for FA4 on Hopper and logs each decision with the prefix ``vllm-forge:``:
    ``get_kv_cache_spec`` and ``unify_kv_cache_spec_page_size``): Gemma-4 on 0.22.x: 32 (its head-512
    global layers have half the per-token bytes of its head-256 sliding layers); on 0.25.x: 64
    (sliding-window layers pick their own 16-token blocks there). The warm-up (2.) logs the page
-   size of the KV cache tensors each FA4 layer really got.
+   size of the KV cache tensors each FA4 layer really got (0.33.0 moved the unification to
+   ``kv_cache_planning``: looked up there first). Where vLLM's own backend pins those layers' kernel
+   page (0.31.0 on, fp8 KV on SM90: 64, its FP8-KV kernel's tile, a larger KV block being split into
+   kernel blocks), its block size is kept and the log line says so: upstream's rule is never overridden.
    ``VLLM_FORGE_FA4_PAGE64=0`` or an explicit ``--block-size`` keeps vLLM's choice.
 
 4. **One real serving step at start-up**: vLLM's own warm-up runs dummy forwards whose attention
@@ -134,10 +137,13 @@ def _pages(vllm_config: Any, layers: dict[str, Any], wide: set[str]) -> tuple[Ca
     ``unify_kv_cache_spec_page_size`` (a layer with a smaller page gets more tokens per page).
     Otherwise the same rule from the specs' page sizes."""
     cache = vllm_config.cache_config
-    try:
-        from vllm.v1.core.kv_cache_utils import unify_kv_cache_spec_page_size
-    except ImportError:
-        unify_kv_cache_spec_page_size = None
+    unify_kv_cache_spec_page_size = None
+    for where in ("vllm.v1.core.kv_cache_planning", "vllm.v1.core.kv_cache_utils"):  # 0.33.0 moved it
+        try:
+            unify_kv_cache_spec_page_size = getattr(importlib.import_module(where), "unify_kv_cache_spec_page_size")
+            break
+        except (ImportError, AttributeError):
+            continue
 
     def specs(size: int) -> dict[str, Any]:
         kept = cache.block_size
@@ -165,6 +171,28 @@ def _pages(vllm_config: Any, layers: dict[str, Any], wide: set[str]) -> tuple[Ca
     if unify_kv_cache_spec_page_size is not None:
         return by_vllm, "vLLM's own KV cache specs, unified"
     return by_bytes, "the KV cache specs' page sizes"
+
+
+def _kernel_page(vllm_config: Any, layers: dict[str, Any], wide: set[str]) -> int | None:
+    """The page size vLLM's own backend pins for the kernel of every FA4 head>256 layer, if it pins one
+    (0.31.0 on: 64 for an fp8 KV cache on SM90, the FP8-KV kernel's tile; a larger KV block is then
+    split into 64-token kernel blocks, so the KV block size no longer decides the kernel's pages)."""
+    import inspect
+
+    got = set()
+    for name in wide:
+        layer = layers[name]
+        fn = getattr(getattr(layer, "attn_backend", None), "get_supported_kernel_block_sizes", None)
+        try:
+            if fn is None or "kv_cache_spec" not in inspect.signature(fn).parameters:
+                return None
+            sizes = fn(layer.get_kv_cache_spec(vllm_config))
+        except (TypeError, ValueError, AttributeError, NotImplementedError):
+            return None
+        if len(sizes) != 1 or type(sizes[0]) is not int:
+            return None
+        got.add(sizes[0])
+    return got.pop() if len(got) == 1 else None
 
 
 def _fa4_wide_layers(vllm_config: Any) -> tuple[set[str], dict[str, Any]]:
@@ -198,6 +226,12 @@ def _after_block_size(vllm_config: Any) -> None:
 
     def shown(got: dict[str, int] | None) -> str:
         return "/".join(map(str, sorted(set(got.values())))) if got else "?"
+
+    pinned = _kernel_page(vllm_config, layers, wide)
+    if pinned is not None:  # upstream's own rule (fp8 KV): never overridden
+        logger.info("vllm-forge: KV block size %d kept: vLLM's own backend gives %s %d-token kernel pages",
+                    cache.block_size, what, pinned)
+        return
 
     if getattr(cache, "user_specified_block_size", False):
         logger.info("vllm-forge: --block-size %d chosen by the user: %s get %s-token pages (by %s; %d is the "
