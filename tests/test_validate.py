@@ -347,3 +347,44 @@ def test_h200_record_admits_the_build(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setenv(key, value)
     with pytest.raises(ForgeError, match="its GPU validation|is not GPU-validated"):
         check_tune(pins, pins.vllm["0.25.1"], None, "bundled", False, "sm90")
+
+
+def test_ab_pages_and_fp8_rows() -> None:
+    """`--pages` picks the A/B page sizes (issue: 16/32/64/128); fp8-KV rows (head 512, 64-token pages) are
+    added where the tree has the path, reported but not gated: an fp8 decode row slower than stock does not
+    fail the decode goal the bf16 rows decide."""
+    from vllm_forge.gpu.validate import ab_plan
+
+    plan = ab_plan((16, 32, 64, 128), fp8=True)
+    assert {(h, p) for h, p, _, f in plan if not f} == {(h, p) for h in (512, 256) for p in (16, 32, 64, 128)}
+    assert [(h, p, c) for h, p, c, f in plan if f] == [(512, 64, "prefill 4x4096"), (512, 64, "prefill 1x16384"),
+                                                     (512, 64, "decode 64x8192")]
+    assert not any(f for *_, f in ab_plan((16, 64), fp8=False))
+
+    def row(case: str, forged: float, kv: str | None = None) -> dict:
+        r = {"head": 512, "page": 64, "case": case, "flops": 1e12, "kv_bytes": 10**9, "refused": {}, "samples": {
+            "forged": [{"round": 0, "position": 0, "graph_ms": forged, "eager_ms": forged},
+                       {"round": 1, "position": 1, "graph_ms": forged, "eager_ms": forged}],
+            "stock": [{"round": 0, "position": 1, "graph_ms": 1.0, "eager_ms": 1.0},
+                      {"round": 1, "position": 0, "graph_ms": 1.0, "eager_ms": 1.0}]}, **({"kv": kv} if kv else {})}
+        summarize(r)
+        return r
+    rows = [row("prefill 4x4096", 0.7), row("decode 64x8192", 0.95), row("decode 64x8192", 1.05, "fp8")]
+    got = {g["goal"]: g for g in goals([{"name": "x", "ok": True, "rel_l2": 0.0}], rows)}
+    assert all(g["ok"] for g in got.values()), got
+    from vllm_forge.gpu.validate import format_row
+    assert format_row(rows[2]).startswith("decode 64x8192 fp8")
+    r = run_cli("validate", "--pages", "16,48")
+    assert "--pages 16,48 -- give distinct page sizes from 16, 32, 64, 128" in one_error(r)
+    r = run_cli("validate", "--pages", "sixteen")
+    assert r.returncode == 2 and "is not a comma-separated list of page sizes" in r.stderr
+
+
+@pytest.mark.parametrize("version, passed", [("0.33.0", True), ("0.25.1", False)])
+def test_h200_results_render(version: str, passed: bool) -> None:
+    """The README's H200 table is the saved results read back by `validate`'s own report."""
+    from vllm_forge.gpu.validate import report
+
+    text = report(json.loads((H200 / f"validate-{version}-sm90-nvidia-h200.json").read_text()))
+    assert text.endswith("PASSED" if passed else "NOT PASSED")
+    assert ("prefill 4x4096       hd512 page64  |    487 TFLOP/s" in text) is passed

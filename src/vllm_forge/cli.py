@@ -209,7 +209,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise _gpu_import_error(e) from None
 
     return validate(ValidateRequest(args.vllm, args.wheel, args.stock_wheel, tuple(args.path), args.out,
-                                    args.index_url, args.rounds, args.only, args.record))
+                                    args.index_url, args.rounds, args.only, args.record, args.pages))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -369,6 +369,13 @@ def _refresh_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--out", type=Path, help="with --patches: the ported series' directory (default: DIR-<to>)")
 
 
+def _page_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of page sizes") from None
+
+
 def _validate_args(va: argparse.ArgumentParser) -> None:
     va.add_argument("--vllm", help="the release the forged vLLM must be (default: whatever is installed / --wheel)")
     va.add_argument("--wheel", type=Path, help="the forged wheel to check (default: the vLLM installed here)")
@@ -379,6 +386,8 @@ def _validate_args(va: argparse.ArgumentParser) -> None:
     va.add_argument("--out", type=Path, default=Path("."), help="directory for the results JSON (default: .)")
     va.add_argument("--index-url", help="package index simple API (default: pip's)")
     va.add_argument("--rounds", type=int, default=4, help="A/B rounds per case, the order alternating (default 4)")
+    va.add_argument("--pages", type=_page_list, default=(16, 64),
+                    help="A/B page sizes, comma-separated, of 16,32,64,128 (default 16,64)")
     va.add_argument("--only", choices=("all", "checks", "ab"), default="all",
                     help="a part only (no record is written): checks, or the A/B timing")
     va.add_argument("--no-record", dest="record", action="store_false",

@@ -15,9 +15,11 @@ on 64-token pages where the tree's FA4 has that path (`fp8_kv_dequant`, flash-at
 recorded as skipped, with why).
 
 A/B (forged vs stock, same inputs): prefill 4x4096 and 1x16384, decode 64x8192 and 16x32768, heads
-512/256, pages 16/64, 32 q / 4 kv heads, bf16. Each round times both sides, the order alternating
-(forged first, then stock first, ...), as CUDA-graph replays and eagerly; the SM clock is sampled
-(pynvml, else nvidia-smi) through every case. Ratios are given per order, so an order bias shows.
+512/256, pages 16/64 (`--pages`: any of 16/32/64/128), 32 q / 4 kv heads, bf16; where the tree has the
+fp8-KV path, also head 512 with e4m3 K/V at 64-token pages (the FP8-KV kernel's page; reported, not
+gated). Each round times both sides, the order alternating (forged first, then stock first, ...), as
+CUDA-graph replays and eagerly; the SM clock is sampled (pynvml, else nvidia-smi) through every case.
+Ratios are given per order, so an order bias shows.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ AB_CASES = {"prefill 4x4096": [(4096, 4096)] * 4, "prefill 1x16384": [(16384, 16
 RUNTIME_DISTS = ("vllm", "torch", "triton", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base", "quack-kernels",
                  "apache-tvm-ffi", "torch-c-dlpack-ext", "einops")
 TOLERANCE = 1e-2
+PAGE_SIZES = (16, 32, 64, 128)
+FP8_CASES = ("prefill 4x4096", "prefill 1x16384", "decode 64x8192")  # head 512, 64-token pages
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class ValidateRequest:
     rounds: int = 4
     only: str = "all"                  # all | checks | ab
     record: bool = True
+    pages: tuple[int, ...] = (16, 64)  # A/B page sizes
 
 
 def check_request(req: ValidateRequest) -> None:
@@ -86,6 +91,9 @@ def check_request(req: ValidateRequest) -> None:
         raise ForgeError(f"--only {req.only!r}", "use all, checks or ab")
     if req.rounds < 2 or req.rounds % 2:
         raise ForgeError(f"--rounds {req.rounds}: the sides alternate", "give an even number >= 2")
+    if not req.pages or any(p not in PAGE_SIZES for p in req.pages) or len(set(req.pages)) != len(req.pages):
+        raise ForgeError(f"--pages {','.join(map(str, req.pages))}",
+                         f"give distinct page sizes from {', '.join(map(str, PAGE_SIZES))}, comma-separated")
     if req.wheel is not None and not req.wheel.is_file():
         raise ForgeError(f"forged wheel {req.wheel} does not exist", "give the wheel `vllm-forge build` made")
     for p in req.paths:
@@ -355,48 +363,55 @@ def run_checks(torch: Any, sides: Sides) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ A/B
-def run_ab(torch: Any, sides: Sides, rounds: int, clock: ClockSampler) -> list[dict[str, Any]]:
+def ab_plan(pages: tuple[int, ...], fp8: bool) -> list[tuple[int, int, str, bool]]:
+    """(head, page, case, fp8 KV) of each A/B row, in the order they run."""
+    plan = [(hd, block, case, False) for hd in (512, 256) for block in pages for case in AB_CASES]
+    return plan + ([(512, 64, case, True) for case in FP8_CASES] if fp8 else [])
+
+
+def run_ab(torch: Any, sides: Sides, rounds: int, clock: ClockSampler,
+           pages: tuple[int, ...] = (16, 64)) -> list[dict[str, Any]]:
     from .kernels import best_ms, causal_flops, graph_of, kv_bytes, make_paged
 
     calls = {"forged": sides.forged, "stock": sides.stock}
     rows: list[dict[str, Any]] = []
-    for hd in (512, 256):
-        for block in (16, 64):
-            for case, seqs in AB_CASES.items():
-                iters = 5 if "prefill" in case else 20
-                p = make_paged(seqs, (HQ, 4), hd, block, seed=0)
-                row: dict[str, Any] = {"head": hd, "page": block, "case": case, "flops": causal_flops(seqs, HQ, hd),
-                                       "kv_bytes": kv_bytes(seqs, 4, hd), "refused": {}, "samples": {}}
-                fns, graphs = {}, {}
-                for side, call in calls.items():
-                    out = torch.empty_like(p.q)
-                    fn = partial(call, p, out, hd)
-                    try:
-                        fn()  # the first call compiles (FA4's JIT)
-                        torch.cuda.synchronize()
-                    except Exception as e:  # noqa: BLE001 - e.g. stock FA4 refusing head 512
-                        row["refused"][side] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        continue
-                    fns[side] = fn
-                    try:
-                        graphs[side] = graph_of(fn, iters)
-                    except Exception:  # noqa: BLE001 - no graph capture: eager timing only
-                        torch.cuda.synchronize()
-                mark = clock.mark()
-                for r in range(rounds):
-                    order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-                    for pos, side in enumerate(order):
-                        g = graphs.get(side)
-                        row["samples"].setdefault(side, []).append({
-                            "round": r, "position": pos,
-                            "graph_ms": best_ms(g.replay, 1, reps=3) / iters if g is not None else None,
-                            "eager_ms": best_ms(fns[side], iters, reps=2)})
-                row["sm_clock_mhz"] = clock.since(mark)
-                summarize(row)
-                rows.append(row)
-                print(format_row(row), file=sys.stderr, flush=True)
-                del p, fns, graphs
-                torch.cuda.empty_cache()
+    for hd, block, case, fp8 in ab_plan(pages, not fp8_supported(sides.forged_interface)):
+        seqs = AB_CASES[case]
+        iters = 5 if "prefill" in case else 20
+        p = make_paged(seqs, (HQ, 4), hd, block, seed=0, fp8=fp8)
+        row: dict[str, Any] = {"head": hd, "page": block, "case": case, "flops": causal_flops(seqs, HQ, hd),
+                               "kv_bytes": kv_bytes(seqs, 4, hd) // (2 if fp8 else 1), "refused": {},
+                               "samples": {}, **({"kv": "fp8"} if fp8 else {})}
+        fns, graphs = {}, {}
+        for side, call in calls.items():
+            out = torch.empty_like(p.q)
+            fn = partial(call, p, out, hd)
+            try:
+                fn()  # the first call compiles (FA4's JIT)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - e.g. stock FA4 refusing head 512
+                row["refused"][side] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                continue
+            fns[side] = fn
+            try:
+                graphs[side] = graph_of(fn, iters)
+            except Exception:  # noqa: BLE001 - no graph capture: eager timing only
+                torch.cuda.synchronize()
+        mark = clock.mark()
+        for r in range(rounds):
+            order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+            for pos, side in enumerate(order):
+                g = graphs.get(side)
+                row["samples"].setdefault(side, []).append({
+                    "round": r, "position": pos,
+                    "graph_ms": best_ms(g.replay, 1, reps=3) / iters if g is not None else None,
+                    "eager_ms": best_ms(fns[side], iters, reps=2)})
+        row["sm_clock_mhz"] = clock.since(mark)
+        summarize(row)
+        rows.append(row)
+        print(format_row(row), file=sys.stderr, flush=True)
+        del p, fns, graphs
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -435,7 +450,8 @@ def format_row(row: dict[str, Any]) -> str:
              if "ratio" in row else "-")
     c = row.get("sm_clock_mhz")
     clock = f"{c['min']}-{c['max']} MHz" if c else "-"
-    return (f"{row['case']:16} hd{row['head']:<3} page{row['page']:<3} | {side('forged'):>28} | {side('stock'):>28} | "
+    case = f"{row['case']}{' fp8' if row.get('kv') == 'fp8' else ''}"
+    return (f"{case:20} hd{row['head']:<3} page{row['page']:<3} | {side('forged'):>28} | {side('stock'):>28} | "
             f"{ratio} | {clock}")
 
 
@@ -445,13 +461,14 @@ def goals(checks: list[dict[str, Any]], ab: list[dict[str, Any]]) -> list[dict[s
             "got": f"{len(checks) - len(bad)}/{len(checks)}" + (f"; failed: {', '.join(bad)}" if bad else "")}
            ] if checks else []
     if ab:
-        fast = [r for r in ab if r["head"] == 512 and r["page"] == 64 and "prefill" in r["case"]]
+        bf16 = [r for r in ab if r.get("kv") != "fp8"]  # fp8-KV rows are reported, not gated
+        fast = [r for r in bf16 if r["head"] == 512 and r["page"] == 64 and "prefill" in r["case"]]
         slow = [r["ratio"] for r in fast if "ratio" in r]
         out.append({"goal": "head 512 page 64 prefill: forged/stock time <= 0.95 (where stock runs it)",
                     "required": True, "ok": all(x <= 0.95 for x in slow) and bool(fast),
                     "got": ", ".join(f"{x:.3f}" for x in slow) or "stock refuses head 512"})
         dec = [(r["ratio"], f"hd{r['head']} page{r['page']} {r['case']}")
-               for r in ab if "decode" in r["case"] and "ratio" in r]
+               for r in bf16 if "decode" in r["case"] and "ratio" in r]
         worst = max(dec, default=(0.0, "-"))
         out.append({"goal": "decode: forged/stock time <= 1.02", "required": True, "ok": worst[0] <= 1.02,
                     "got": f"worst {worst[0]:.3f} at {worst[1]}"})
@@ -488,7 +505,7 @@ def validate(req: ValidateRequest) -> int:
             print(f"vLLM {version}: forged FA4 ({sides.forged_origin}, series {series or 'none'}) vs stock "
                   f"({sides.stock_origin}) on {dev['name']} (sm{dev['capability'].replace('.', '')})", file=sys.stderr)
             checks = run_checks(torch, sides) if req.only in ("all", "checks") else []
-            ab = run_ab(torch, sides, req.rounds, clock) if req.only in ("all", "ab") else []
+            ab = run_ab(torch, sides, req.rounds, clock, req.pages) if req.only in ("all", "ab") else []
     finally:
         clock.stop()
     result = {
@@ -531,7 +548,7 @@ def report(result: dict[str, Any]) -> str:
     if result["ab"]:
         lines.append(f"A/B, {result['rounds']} rounds alternating order; graph / eager; forged/stock time "
                      "(by order); SM clock")
-        lines.append(f"{'case':16} {'head':7} {'page':7} | {'forged':>28} | {'stock':>28} | ratio | clock")
+        lines.append(f"{'case':20} {'head':7} {'page':7} | {'forged':>28} | {'stock':>28} | ratio | clock")
         lines += [format_row(r) for r in result["ab"]]
     lines += [f"{'ok    ' if g['ok'] else 'MISSED'} {'(required) ' if g['required'] else ''}{g['goal']}: {g['got']}"
               for g in result["goals"]]
