@@ -4,7 +4,9 @@ decisions, and its presence in a real forged wheel."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def test_page64_block_size_takes_the_smallest_that_gives_64() -> None:
 # 5 sliding (16 kv heads x 256, window 1024) per global (4 kv heads x 512), bf16, FLASH_ATTN.
 PAGES_PROBE = r"""
 import importlib.util
+import re
 import torch
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import AttentionType
@@ -218,3 +221,67 @@ def test_upstream_fp8_kernel_page_is_kept(version: str, fp8: int | None, tmp_pat
     out = run_on_release(real_wheel(version), tmp_path, KERNEL_PAGE_PROBE,
                          str(REPO / "vllm_overlay" / "runtime" / "_forge_runtime.py"))
     assert out[-2:] == ["auto None", f"fp8 {fp8}"]
+
+
+def _cache_in(layout: str, blocks: int = 3, page: int = 64, heads: int = 4, head: int = 8):
+    """A KV cache tensor in one of vLLM's FLASH_ATTN layouts, K all 1 and V all 2 (as each release's forward
+    splits it)."""
+    import torch
+
+    if layout == "kv-first":  # 0.20-0.22: (2, blocks, page, heads, head), unbind(0)
+        kv = torch.stack([torch.ones(blocks, page, heads, head), 2 * torch.ones(blocks, page, heads, head)])
+    elif layout == "blocks-first":  # 0.23-0.25: (blocks, 2, page, heads, head), unbind(1)
+        kv = torch.stack([torch.ones(blocks, page, heads, head), 2 * torch.ones(blocks, page, heads, head)], dim=1)
+    else:  # 0.26 on: (blocks, heads, page, 2 * head), transpose(1, 2).split(head, -1)
+        kv = torch.cat([torch.ones(blocks, heads, page, head), 2 * torch.ones(blocks, heads, page, head)], dim=-1)
+    return kv.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["kv-first", "blocks-first", "heads-inner"])
+def test_kv_views_of_each_layout(layout: str) -> None:
+    """The FA4 start-up compile finds K and V in every KV cache layout vLLM's FLASH_ATTN has had (it looked for
+    the first one only, so from 0.23.0 on it warmed nothing and said nothing: no 'FA4 warm-up' line in the
+    0.25.1 H200 run, docs/data/e2e-2026-12-01-h200)."""
+    k, v = rt.kv_views(_cache_in(layout), 8)
+    assert tuple(k.shape) == tuple(v.shape) == (3, 64, 4, 8)
+    assert bool((k == 1).all()) and bool((v == 2).all())
+    layer = types.SimpleNamespace(kv_cache=[_cache_in(layout)], impl=types.SimpleNamespace(
+        vllm_flash_attn_version=4, head_size=8, num_heads=32, sliding_window=None, logits_soft_cap=0.0))
+    shapes, skipped = rt.fa4_layer_shapes({"model.layers.5.self_attn.attn": layer})
+    assert not skipped and [key[1:5] for key in shapes] == [(64, 4, 8, 32)]
+
+
+def test_kv_views_refuses_what_it_cannot_tell() -> None:
+    import torch
+
+    assert rt.kv_views(torch.zeros(2, 2, 16, 4, 8), 8) is None  # 2 blocks: either 5-D layout
+    assert rt.kv_views(torch.zeros(3, 4, 16, 24), 8) is None   # not 2 x head
+    fp8 = types.SimpleNamespace(kv_cache=[_cache_in("heads-inner").to(torch.uint8)], impl=types.SimpleNamespace(
+        vllm_flash_attn_version=4, head_size=8, num_heads=32, sliding_window=None, logits_soft_cap=0.0))
+    shapes, skipped = rt.fa4_layer_shapes({"g": fp8})
+    assert not shapes and skipped == ["g [3, 4, 64, 16] uint8"]
+
+
+@pytest.mark.network
+def test_every_release_splits_its_kv_cache_as_kv_views_knows() -> None:
+    """Each pinned release's FLASH_ATTN forward splits the KV cache in one of the three ways kv_views handles
+    (read from the release's sdist): a release with a fourth layout fails here, at pin time."""
+    import tarfile
+
+    from vllm_forge.fetch import Index, cached_download
+    from vllm_forge.pins import load_pins
+
+    known = {"kv_cache.unbind(0)", "kv_cache.unbind(1)", "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"}
+    pins = load_pins()
+    seen = {}
+    for version, vp in pins.vllm.items():
+        if vp.plan != "tune":
+            continue
+        with tarfile.open(cached_download(Index(), pins.index_project, vp.sdist, vp.sdist_sha256)) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith("vllm/v1/attention/backends/flash_attn.py"))
+            src = tf.extractfile(member).read().decode()  # type: ignore[union-attr]
+        splits = set(re.findall(r"key_cache, value_cache = (kv_cache\.[^\n]+)", src))
+        assert splits and splits <= known, (version, splits)
+        seen[version] = splits.pop()
+    assert seen["0.22.1"] == "kv_cache.unbind(0)" and seen["0.25.1"] == "kv_cache.unbind(1)"
+    assert seen["0.33.0"].startswith("kv_cache.transpose")

@@ -288,33 +288,55 @@ def _cache_files() -> int:
     return sum(1 for _ in Path(d).rglob("*.o")) if d and Path(d).is_dir() else 0
 
 
-def fa4_layer_shapes(static_forward_context: dict[str, Any]) -> dict[tuple, tuple[str, Any, Any]]:
+def kv_views(kv: Any, head_size: int) -> tuple[Any, Any] | None:
+    """(key_cache, value_cache), each [blocks, page, kv heads, head], from a layer's KV cache tensor in
+    the layouts vLLM's FLASH_ATTN backend has used (each release's forward splits it the same way):
+    ``[2, blocks, page, heads, head]`` (0.20-0.22: ``unbind(0)``), ``[blocks, 2, page, heads, head]``
+    (0.23-0.25: ``unbind(1)``), ``[blocks, heads, page, 2 * head]`` (0.26 on:
+    ``transpose(1, 2).split(head, -1)``). None for anything else (or a 5-D cache of 2 blocks, which
+    would be either)."""
+    shape = tuple(getattr(kv, "shape", ()))
+    if len(shape) == 5 and shape[-1] == head_size and (shape[0] == 2) != (shape[1] == 2):
+        return tuple(kv.unbind(0 if shape[0] == 2 else 1))  # type: ignore[return-value]
+    if len(shape) == 4 and shape[-1] == 2 * head_size:
+        return tuple(kv.transpose(1, 2).split(head_size, dim=-1))  # type: ignore[return-value]
+    return None
+
+
+def fa4_layer_shapes(static_forward_context: dict[str, Any]) -> tuple[dict[tuple, tuple[str, Any, Any]], list[str]]:
     """One entry per distinct FA4 call shape: (dtype, page, kv heads, head, q heads, window,
-    softcap, sinks) -> (layer name, impl, kv_cache tensor)."""
+    softcap, sinks) -> (layer name, impl, (key_cache, value_cache)); and the FA4 layers left out (a
+    KV cache layout this does not know, or an fp8 KV cache): the caller says so."""
     shapes: dict[tuple, tuple[str, Any, Any]] = {}
+    unknown: list[str] = []
     for name, layer in static_forward_context.items():
         impl = getattr(layer, "impl", None)
         if getattr(impl, "vllm_flash_attn_version", None) != 4:
             continue
         kv = getattr(layer, "kv_cache", None)
         kv = kv[0] if isinstance(kv, (list, tuple)) and kv else kv
-        if kv is None or getattr(kv, "dim", lambda: 0)() != 5 or kv.shape[0] != 2 or kv.numel() == 0:
+        if kv is None or getattr(kv, "numel", lambda: 0)() == 0:
             continue
-        key = (str(kv.dtype), int(kv.shape[2]), int(kv.shape[3]), int(kv.shape[4]), int(impl.num_heads),
+        views = kv_views(kv, int(impl.head_size))
+        if views is None or kv.element_size() != 2:  # fp8 KV: its descales are not warmed here
+            unknown.append(f"{name} {list(kv.shape)} {str(kv.dtype).replace('torch.', '')}")
+            continue
+        k = views[0]
+        key = (str(kv.dtype), int(k.shape[1]), int(k.shape[2]), int(k.shape[3]), int(impl.num_heads),
                tuple(getattr(impl, "sliding_window", None) or (-1, -1)), float(impl.logits_soft_cap or 0),
                getattr(impl, "sinks", None) is not None)
-        shapes.setdefault(key, (name, impl, kv))
-    return shapes
+        shapes.setdefault(key, (name, impl, views))
+    return shapes, unknown
 
 
-def _warm_one(impl: Any, kv: Any, dtype: Any) -> int:
+def _warm_one(impl: Any, views: tuple[Any, Any], dtype: Any) -> int:
     import torch
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    key_cache, value_cache = kv.unbind(0)
+    key_cache, value_cache = views
     num_blocks, page = int(key_cache.shape[0]), int(key_cache.shape[1])
     per_seq = max(1, min(num_blocks // 2, 8192 // page))
-    dev = kv.device
+    dev = key_cache.device
     table = (torch.arange(2 * per_seq, device=dev, dtype=torch.int32) % num_blocks).view(2, per_seq)
     seqused = torch.full((2,), per_seq * page, device=dev, dtype=torch.int32)
     h, d = int(impl.num_heads), int(impl.head_size)
@@ -345,14 +367,17 @@ def fa4_warmup(worker: Any) -> None:
         logger.info("vllm-forge: FA4 start-up compile off (VLLM_FORGE_FA4_WARMUP=0)")
         return
     cfg = worker.vllm_config
-    shapes = fa4_layer_shapes(cfg.compilation_config.static_forward_context)
+    shapes, unknown = fa4_layer_shapes(cfg.compilation_config.static_forward_context)
+    if unknown:
+        logger.warning("vllm-forge: FA4 start-up compile skips %d layer(s) (fp8 KV, or a KV cache layout it does "
+                       "not know: %s): their kernels compile on first use", len(unknown), ", ".join(unknown[:3]))
     if not shapes:
         return
     before, t0 = _cache_files(), time.perf_counter()
     calls = 0
-    for key, (name, impl, kv) in shapes.items():
+    for key, (name, impl, views) in shapes.items():
         t = time.perf_counter()
-        calls += _warm_one(impl, kv, cfg.model_config.dtype)
+        calls += _warm_one(impl, views, cfg.model_config.dtype)
         logger.info("vllm-forge: FA4 warm-up of %s (head %d, %d q / %d kv heads, %d-token pages, window %s, "
                     "softcap %s): %.1f s", name, key[3], key[4], key[2], key[1], key[5], key[6],
                     time.perf_counter() - t)
