@@ -5,6 +5,7 @@ bench tables from the e2e results of earlier GPU runs (docs/data)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,64 @@ def test_h200_results_render(version: str, passed: bool) -> None:
     text = report(json.loads((H200 / f"validate-{version}-sm90-nvidia-h200.json").read_text()))
     assert text.endswith("PASSED" if passed else "NOT PASSED")
     assert ("prefill 4x4096       hd512 page64  |    487 TFLOP/s" in text) is passed
+
+
+DRY_RUN = r"""
+import json, sys
+from pathlib import Path
+site, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, sys.argv[4])  # tests/: the faked device
+import vllm_forge.gpu.validate as v
+import torch
+v.require_gpu = lambda: torch
+v.device_info = lambda t: {"name": "CPU dry run", "capability": "9.0", "class": "sm90", "driver": "none",
+                           "memory_gib": 0, "sms": 0}
+v._nvml_index = lambda t: 0
+seen = {}
+def checks(torch, sides):
+    seen["forged"] = sides.forged_interface.__name__
+    seen["fp8"] = v.fp8_supported(sides.forged_interface)
+    return [{"name": "dry", "ok": True, "rel_l2": 0.0, "s": 0}]
+v.run_checks, v.run_ab = checks, lambda *a, **k: []
+if mode == "installed":
+    sys.path.insert(0, str(site))
+    from fake_gpu import install
+    install()  # the compiled FA2/FA3 extensions, as far as vLLM can tell
+    req = v.ValidateRequest(vllm="0.19.1", out=out, rounds=2)
+else:
+    req = v.ValidateRequest(vllm="0.19.1", wheel=Path(sys.argv[5]), out=out, rounds=2)
+rc = v.validate(req)
+print(json.dumps({"rc": rc, **seen}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["installed", "wheel"])
+def test_validate_flow_without_kernels(mode: str, forged: BuildResult, tmp_path: Path) -> None:
+    """`validate` end to end on this CPU machine with the kernel calls left out (the GPU and its numbers
+    faked): the forged side from the installed forged wheel (its .py files and dist-info on sys.path, as
+    pip installs them) or from --wheel, the stock side from the release's wheel with its tree hash
+    checked, both loaded in one process, the result JSON and the record written, and a run without A/B
+    not recorded as passed."""
+    import zipfile
+
+    site = tmp_path / "site"
+    with zipfile.ZipFile(forged.wheel) as zf:
+        zf.extractall(site, [n for n in zf.namelist() if n.endswith(".py") or ".dist-info/" in n])
+    script = tmp_path / "dry.py"
+    script.write_text(DRY_RUN)
+    env = {**os.environ, "VLLM_FORGE_USER_DATA_DIR": str(tmp_path / "user")}
+    r = subprocess.run([sys.executable, str(script), str(site), str(tmp_path / "out"), mode,
+                        str(Path(__file__).parent), str(forged.wheel)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 1  # no A/B: not passed
+    assert got["forged"] == ("vllm" if mode == "installed" else "vllmforged") + ".vllm_flash_attn.flash_attn_interface"
+    assert got["fp8"].startswith("this tree's FA4 has no fp8-KV path")
+    result = json.loads((tmp_path / "out" / "validate-0.19.1-sm90-cpu-dry-run.json").read_text())
+    assert result["forged"] == (f"installed {site}" if mode == "installed" else str(forged.wheel))
+    assert result["stock"].startswith("cache vllm-0.19.1-") and result["passed"] is False
+    stamp_series = result["series"]
+    assert stamp_series and result["fa4_tree_sha256"] != result["pin_tree_sha256"]
+    assert [p.name for p in (tmp_path / "user" / "validations").iterdir()] == [
+        f"{result['pin_tree_sha256'][:12]}-{stamp_series}-sm90-cpu-dry-run.json"]
