@@ -268,8 +268,10 @@ def test_every_release_splits_its_kv_cache_as_kv_views_knows() -> None:
     (read from the release's sdist): a release with a fourth layout fails here, at pin time."""
     import tarfile
 
-    from vllm_forge.fetch import Index, cached_download
+    from vllm_forge.fetch import cached_download
     from vllm_forge.pins import load_pins
+
+    from conftest import index
 
     known = {"kv_cache.unbind(0)", "kv_cache.unbind(1)", "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"}
     pins = load_pins()
@@ -277,7 +279,7 @@ def test_every_release_splits_its_kv_cache_as_kv_views_knows() -> None:
     for version, vp in pins.vllm.items():
         if vp.plan != "tune":
             continue
-        with tarfile.open(cached_download(Index(), pins.index_project, vp.sdist, vp.sdist_sha256)) as tf:
+        with tarfile.open(cached_download(index, pins.index_project, vp.sdist, vp.sdist_sha256)) as tf:
             member = next(m for m in tf.getmembers() if m.name.endswith("vllm/v1/attention/backends/flash_attn.py"))
             src = tf.extractfile(member).read().decode()  # type: ignore[union-attr]
         splits = set(re.findall(r"key_cache, value_cache = (kv_cache\.[^\n]+)", src))
