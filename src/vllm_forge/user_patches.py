@@ -27,6 +27,7 @@ from typing import Any
 
 from .errors import ForgeError
 from .patching import apply_patch, check_paths, read_series
+from .series import series_hash
 
 BASES = "bases.json"
 NOT_OURS = ("vllm/vllm_flash_attn/cute/",)  # the FA4 tree: --fa-patches
@@ -45,7 +46,7 @@ class UserSeries:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256("".join(_sha(p.read_bytes()) for p in self.patches).encode()).hexdigest()[:7]
+        return series_hash([_sha(p.read_bytes()) for p in self.patches])
 
     def stamp(self) -> dict[str, Any]:
         return {"series": self.hash, "bases": dict(sorted(self.bases.items())),

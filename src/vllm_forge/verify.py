@@ -103,8 +103,7 @@ class Options:
         """The series hash of the user's patches, from their text (never the stamp's word)."""
         if not self.user:
             return ""
-        return hashlib.sha256("".join(hashlib.sha256(p["text"].encode()).hexdigest()
-                                      for p in self.user["patches"]).encode()).hexdigest()[:7]
+        return series_hash([hashlib.sha256(p["text"].encode()).hexdigest() for p in self.user["patches"]])
 
 
 def _fail(path: Path | str, what: str) -> ForgeError:
