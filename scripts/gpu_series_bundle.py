@@ -34,7 +34,7 @@ from pathlib import Path
 from gpu_carry import write_batches
 from packaging.utils import canonicalize_name
 
-from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources
+from vllm_forge.fa4 import WHEEL_CUTE, fa_target, get_fa4_sources, no_series
 from vllm_forge.fetch import Index
 from vllm_forge.pins import load_pins
 from vllm_forge.series import read_manifest, series_for
@@ -122,8 +122,8 @@ def main() -> int:
             own = {n: zf.read(n) for n in ("vllm/vllm_flash_attn/__init__.py",
                                           "vllm/vllm_flash_attn/flash_attn_interface.py")}
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "none").mkdir()
-            before = get_fa4_sources(target, Path(tmp) / "b", index, pins.index_project, patch_dir=Path(tmp) / "none")
+            before = get_fa4_sources(target, Path(tmp) / "b", index, pins.index_project,
+                                     patch_dir=no_series(Path(tmp)))
             after = get_fa4_sources(target, Path(tmp) / "a", index, pins.index_project, patch_dir=series.dir)
         plan[target.short]["after_tree_sha256"] = after.tree_sha256
         stamp = {"vllm": {"version": v}, "plan": vp.plan, "flash_attention": {

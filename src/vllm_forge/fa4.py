@@ -369,6 +369,14 @@ def _mirrors(fa_src: str | None, pin: FaTarget, index: Callable[[], Index],
     return chain
 
 
+def no_series(work: Path) -> Path:
+    """An empty patch series under work: as get_fa4_sources' patch_dir, the pin as it is
+    (patch_dir=None applies the pin's own series)."""
+    d = work / "no-series"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def get_fa4_sources(pin: FaPin | FaTarget, work: Path, index: Callable[[], Index], project: str,
                     fa_src: str | None = None, patch_dir: Path | None = None) -> Fa4Sources:
     """The pinned FA4 tree, verified, with the patch series applied: patch_dir, else the pin's

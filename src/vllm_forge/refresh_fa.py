@@ -28,6 +28,7 @@ from .fa4 import (
     cmake_install_fa4,
     fa_target,
     get_fa4_sources,
+    no_series,
     tree_sha256,
     write_tree,
 )
@@ -63,9 +64,8 @@ class Conflict:
 
 def pin_tree(target: FaTarget, work: Path, index_url: str | None = None) -> Tree:
     """The pin's flash_attn/cute tree (upstream imports), tree-hash verified, without any series."""
-    none = work / "no-series"
-    none.mkdir(parents=True, exist_ok=True)  # an empty series: the pin as it is
-    src = get_fa4_sources(target, work, cache(lambda: Index(index_url)), load_pins().index_project, patch_dir=none)
+    src = get_fa4_sources(target, work, cache(lambda: Index(index_url)), load_pins().index_project,
+                          patch_dir=no_series(work))
     return src.upstream
 
 

@@ -53,7 +53,7 @@ from .assemble import (
     wheel_tags,
 )
 from .errors import ForgeError
-from .fa4 import WHEEL_CUTE, FaTarget, fa_target, tree_sha256, zip_tree
+from .fa4 import WHEEL_CUTE, FaTarget, fa_target, no_series, tree_sha256, zip_tree
 from .fetch import cache_dir, sha256_file
 from .overlay import load_stack
 from .patching import read_series
@@ -386,11 +386,8 @@ def _derived_tree(pins: Pins, target: FaTarget, patch_dir: Path | None) -> dict[
 
     with tempfile.TemporaryDirectory(prefix="vllm-forge-verify-") as work, \
             contextlib.redirect_stderr(io.StringIO()):
-        if patch_dir is None:  # no patches: an empty series, not the pin's default one
-            patch_dir = Path(work) / "no-series"
-            patch_dir.mkdir()
         return get_fa4_sources(target, Path(work), cache(lambda: Index()), pins.index_project,
-                               patch_dir=patch_dir).files
+                               patch_dir=no_series(Path(work)) if patch_dir is None else patch_dir).files
 
 
 def _first_fa4_difference(pins: Pins, target: FaTarget, patch_dir: Path | None, cute: dict[str, bytes]) -> str:
@@ -446,9 +443,8 @@ def _rebuild_and_compare(path: Path, filename: str, opts: Options, base: Path, p
                          "verify it with the vllm-forge that built it, or rebuild it with this one")
     with tempfile.TemporaryDirectory(prefix="vllm-forge-verify-") as tmp:
         work = Path(tmp)
-        if patch_dir is None:  # built without patches: an empty series, not the pin's default one
-            patch_dir = work / "no-series"
-            patch_dir.mkdir()
+        if patch_dir is None:  # built without patches: not the pin's default series
+            patch_dir = no_series(work)
         log = io.StringIO()
         try:
             with contextlib.redirect_stderr(log):
