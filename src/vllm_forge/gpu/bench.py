@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +68,10 @@ class BenchRequest:
     timeout: int = 1800
     work: Path | None = None      # checkpoint and caches (default: OUT/work)
     python: str = sys.executable
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.work or self.out / "work").resolve()
 
 
 def _value(text: str) -> Any:
@@ -174,7 +179,7 @@ def bench(req: BenchRequest) -> int:
     check_request(req)
     require_gpu(req.python)
     make_output_dir(req.out)
-    work = (req.work or req.out / "work").resolve()
+    work = req.work_dir
     work.mkdir(parents=True, exist_ok=True)
     model = work / f"model-{req.layers}l-{req.vocab}"
     first = next((c for c in req.configs if c.side == "stock"), req.configs[0])
@@ -197,7 +202,7 @@ def _child(req: BenchRequest, what: str, cfg: Config, spec: dict[str, Any], log:
     """One fresh interpreter: the side's vLLM, then --site directories, then vllm-forge itself."""
     here = str(Path(__file__).resolve().parents[2])  # the directory holding vllm_forge
     path = [str(req.paths[cfg.side].resolve()), *(p for s in req.sites for p in runtime_path(s.resolve())), here]
-    work = (req.work or req.out / "work").resolve()
+    work = req.work_dir
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_CACHE_ROOT": str(work / f"vllm-cache-{cfg.side}"),
            "VLLM_FORGE_FA4_CACHE_DIR": str(work / f"fa4-cache-{cfg.name}"), **cfg.env}
@@ -440,11 +445,6 @@ def report_paths(paths: list[Path]) -> str:
     return report(load_results(files), hf)
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
-
-
 def _greedy(r: dict[str, Any]) -> list[dict[str, Any]] | None:
     first: dict[str, Any] = next(iter(r["decode"].values()), {})
     return first.get("greedy")
@@ -481,7 +481,7 @@ def report(rs: dict[str, dict[str, Any]], hf: list[dict[str, Any]] | None = None
         for n in lens:
             p = r["prefill"].get(str(n))
             cells.append(f"{p['tok_s']:,.0f}" if p and "tok_s" in p else "-")
-            cells.append(f"{p['ttft_first_s']:.3f} / {_median(p['ttft_warm_s']):.3f}" if p else "-")
+            cells.append(f"{p['ttft_first_s']:.3f} / {statistics.median(p['ttft_warm_s']):.3f}" if p else "-")
         cells += [f"{r['decode'][d]['tok_s']:,.0f}" if d in r["decode"] else "-" for d in decs]
         lines.append("| " + " | ".join(cells) + " |")
     stock = next((n for n, r in rs.items() if r.get("side") == "stock"), None)
