@@ -30,13 +30,11 @@ from .assemble import open_zip
 from .errors import ForgeError, resource_refusal
 from .fetch import (
     Index,
-    RangesUnsupported,
     cache_dir,
-    cached_download,
     clear_cache_slot,
     evict,
+    pinned_wheel_source,
     safe_member_name,
-    sha256_file,
 )
 from .patching import AppliedPatch, apply_series, check_series
 from .pins import FaPin, Pins, VllmPin, WheelMirror, data_dir, version_label
@@ -249,20 +247,16 @@ def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) 
     """The cute files of the vLLM wheel that ships the pin, un-rewritten to upstream form."""
     target = as_target(pin)
     wm, local = target.wheel, target.local_wheel
-    cached = cache_dir() / "dl" / wm.wheel
     fetched = ""
-    if local is None and cached.is_file() and sha256_file(cached) != wm.wheel_sha256:
-        evict(cached, then="fetching its FA4 files from the index")
     if local is not None:
         zf = open_zip(local, f"base wheel {local}")  # its sha256 is checked by the build
-    elif cached.is_file():
-        zf = open_zip(cached, f"cached wheel {cached}")
     else:
-        try:
-            remote = index().open_remote(project, wm.wheel, wm.wheel_sha256)
-        except RangesUnsupported:
-            zf = open_zip(cached_download(index, project, wm.wheel, wm.wheel_sha256), f"wheel {wm.wheel}")
+        source, how = pinned_wheel_source(index, project, wm.wheel, wm.wheel_sha256,
+                                          then="fetching its FA4 files from the index")
+        if isinstance(source, Path):
+            zf = open_zip(source, f"cached wheel {source}" if how == "cache" else f"wheel {wm.wheel}")
         else:
+            remote = source
             zf = open_zip(remote, f"{wm.wheel} (by range requests from the index)",  # type: ignore[arg-type]
                           "the index serves a damaged file; check --index-url")
             members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]

@@ -270,6 +270,23 @@ def cached_download(index: Callable[[], Index], project: str, filename: str, sha
     return index().download(project, filename, sha256, path.parent)
 
 
+def pinned_wheel_source(index: Callable[[], Index], project: str, filename: str, sha256: str,
+                        then: str = "reading it from the index") -> tuple[Path | RemoteFile, str]:
+    """Where to read members of a pinned wheel from, and how it came: the download cache's copy if it is
+    intact (a corrupt one is evicted, saying `then`), else the index by HTTP range requests (only the
+    members read come over), else, from an index without ranges, the whole file into the cache."""
+    cached = cache_dir() / "dl" / filename
+    clear_cache_slot(cached)
+    if cached.is_file():
+        if sha256_file(cached) == sha256:
+            return cached, "cache"
+        evict(cached, then=then)
+    try:
+        return index().open_remote(project, filename, sha256), "range requests"
+    except RangesUnsupported:
+        return cached_download(index, project, filename, sha256), "download"
+
+
 class RemoteFile(io.RawIOBase):
     """A read-only, seekable view of a remote file through HTTP range requests.
 

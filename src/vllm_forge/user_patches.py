@@ -133,22 +133,14 @@ def release_files(version: str, paths: Iterable[str], index_url: str | None = No
     """Members of vLLM `version`'s x86_64 wheel (the Python is the same on aarch64: pins.json), from the
     download cache if it is there and intact, else by HTTP range requests. record: also its RECORD."""
     from .assemble import dist_info_dir
-    from .fetch import Index, RangesUnsupported, cache_dir, cached_download, sha256_file
+    from .fetch import Index, pinned_wheel_source
     from .pins import load_pins
 
     pins = load_pins()
     vpin = pins.for_version(version, servable=False)
     want = set(paths)
-    cached = cache_dir() / "dl" / vpin.wheel
-    if cached.is_file() and sha256_file(cached) == vpin.wheel_sha256:
-        zf = zipfile.ZipFile(cached)
-    else:
-        index = Index(index_url)
-        try:
-            zf = zipfile.ZipFile(index.open_remote(pins.index_project, vpin.wheel, vpin.wheel_sha256))  # type: ignore[arg-type]
-        except RangesUnsupported:
-            zf = zipfile.ZipFile(cached_download(lambda: index, pins.index_project, vpin.wheel, vpin.wheel_sha256))
-    with zf:
+    source, _ = pinned_wheel_source(lambda: Index(index_url), pins.index_project, vpin.wheel, vpin.wheel_sha256)
+    with zipfile.ZipFile(source) as zf:  # type: ignore[arg-type]
         if record:
             want.add(f"{dist_info_dir(zf, vpin.wheel)}/RECORD")
         return {n: zf.read(n) for n in sorted(want) if n in zf.NameToInfo}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ForgeError
-from ..fetch import Index, cache_dir, safe_member_name
+from ..fetch import Index, pinned_wheel_source, safe_member_name
 from ..pins import VllmPin, load_pins
 
 FA_DIR = "vllm/vllm_flash_attn/"
@@ -75,15 +75,13 @@ def stock_files(vpin: VllmPin, stock_wheel: Path | None, index_url: str | None) 
             zf, origin = zipfile.ZipFile(stock_wheel), str(stock_wheel)
         except (OSError, zipfile.BadZipFile) as e:
             raise ForgeError(f"cannot read --stock-wheel {stock_wheel}: {e}", "give the release's wheel") from None
-    elif (cache_dir() / "dl" / vpin.wheel).is_file():
-        zf, origin = zipfile.ZipFile(cache_dir() / "dl" / vpin.wheel), f"cache {vpin.wheel}"
     else:
         try:
-            remote = Index(index_url).open_remote(project, vpin.wheel, vpin.wheel_sha256)
+            source, how = pinned_wheel_source(lambda: Index(index_url), project, vpin.wheel, vpin.wheel_sha256)
         except OSError as e:
             raise ForgeError(f"vLLM {vpin.version}'s wheel is neither in the download cache nor reachable: {e}",
                              f"pass --stock-wheel with {vpin.wheel}") from None
-        zf, origin = zipfile.ZipFile(remote), f"index {vpin.wheel}"  # type: ignore[arg-type]
+        zf, origin = zipfile.ZipFile(source), f"{'cache' if how == 'cache' else 'index'} {vpin.wheel}"  # type: ignore[arg-type]
     with zf:
         files = fa_files(zf, origin)
     if tree_sha256(cute_of(files)) != vpin.cute_tree_sha256:
