@@ -230,6 +230,7 @@ class Sides:
     forged_interface: Any
     stock_origin: str
     forged_origin: str
+    no_fp8: str  # why the forged tree has no fp8-KV path ("" when it has one)
 
 
 def load_sides(req: ValidateRequest, stamp: dict[str, Any], forged_files: dict[str, bytes] | None,
@@ -255,7 +256,7 @@ def load_sides(req: ValidateRequest, stamp: dict[str, Any], forged_files: dict[s
     if forged_files is None:
         forged_origin = f"installed {Path(str(fi.__file__)).parents[2]}"
     return Sides(partial(paged_varlen, fi.flash_attn_varlen_func), partial(paged_varlen, si.flash_attn_varlen_func),
-                 fi, origin, forged_origin)
+                 fi, origin, forged_origin, fp8_supported(fi))
 
 
 def fp8_kv_path(wrapper_src: str, cute_interface_src: str) -> str:
@@ -352,7 +353,7 @@ def run_checks(torch: Any, sides: Sides) -> list[dict[str, Any]]:
                   partial(graph_replay, hd, block))
     for block in (16, 64):
         check(f"hd256 page{block} sliding window 256", partial(plain, 256, block, 4, True, 256))
-    why = fp8_supported(sides.forged_interface)
+    why = sides.no_fp8
     if why:
         results.append({"name": "hd512 page64 fp8 KV", "ok": True, "skipped": why})
         print(f"SKIP hd512 page64 fp8 KV: {why}", file=sys.stderr)
@@ -375,7 +376,7 @@ def run_ab(torch: Any, sides: Sides, rounds: int, clock: ClockSampler,
 
     calls = {"forged": sides.forged, "stock": sides.stock}
     rows: list[dict[str, Any]] = []
-    for hd, block, case, fp8 in ab_plan(pages, not fp8_supported(sides.forged_interface)):
+    for hd, block, case, fp8 in ab_plan(pages, not sides.no_fp8):
         seqs = AB_CASES[case]
         iters = 5 if "prefill" in case else 20
         p = make_paged(seqs, (HQ, 4), hd, block, seed=0, fp8=fp8)
