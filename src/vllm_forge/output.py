@@ -209,6 +209,19 @@ def staged_output(out_dir: Path, what: str = "--out") -> Iterator[Staging]:
     staging.discard()  # what was not published (nothing, normally)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """path's new text, or its old one: written to a hidden temp file beside it, renamed into place;
+    the temp file is removed on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def check_target(final: Path, what: str = "") -> None:
     """Refuse an output path that exists and is neither a regular file nor a link: a directory, a
     device (/dev/null), a FIFO or a socket is not replaced by a file."""

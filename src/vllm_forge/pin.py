@@ -390,7 +390,7 @@ def pin_release(version: str, data: Path, index_url: str | None = None,
 def _write_user(data: Path, version: str, entry: dict[str, Any], port: dict[str, str],
                 port_meta: dict[str, Any] | None) -> None:
     """The series directory (if any), its manifest entry, then pins.json; each whole or not at all."""
-    from .refresh import _atomic_write
+    from .output import write_text_atomic
 
     pins_path = data / USER_PINS
     try:
@@ -417,8 +417,8 @@ def _write_user(data: Path, version: str, entry: dict[str, Any], port: dict[str,
             os.replace(tmp, final)
             made = final
             manifest["series"][entry["cute_tree_sha256"]] = port_meta
-            _atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _atomic_write(pins_path, json.dumps(raw, indent=2) + "\n")
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(pins_path, json.dumps(raw, indent=2) + "\n")
     except BaseException:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

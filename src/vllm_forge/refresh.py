@@ -8,7 +8,6 @@ patch and manifest entry; a conflict is reported by file and hunk, and nothing i
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import git
 from .assemble import read_base
 from .errors import ForgeError
 from .fetch import Index, cached_download
+from .output import write_text_atomic
 from .overlay import carries_fix, load_overlay, overlay_root, read_manifest, sha256
 from .pins import data_dir, load_pins, version_key
 
@@ -126,17 +126,6 @@ def refresh(from_version: str, to_version: str, data: Path | None = None, force:
     return report
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write(root: Path, manifest: dict[str, Any], patches: dict[str, str], pins: Path | None = None,
            pins_text: str = "") -> None:
     """New patch files, then the manifest, then pins.json, each written whole or not at all; a
@@ -145,15 +134,15 @@ def _write(root: Path, manifest: dict[str, Any], patches: dict[str, str], pins: 
     try:
         for name, text in patches.items():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(root / name, text)
+            write_text_atomic(root / name, text)
             written.append(root / name)
         old_manifest = (root / "manifest.json").read_text()
-        _atomic_write(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         if pins is not None:
             try:
-                _atomic_write(pins, pins_text)
+                write_text_atomic(pins, pins_text)
             except BaseException:
-                _atomic_write(root / "manifest.json", old_manifest)
+                write_text_atomic(root / "manifest.json", old_manifest)
                 raise
     except BaseException:
         for p in written:

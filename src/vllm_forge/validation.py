@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ForgeError
+from .output import write_text_atomic
 
 FORMAT = 1
 RECORDS = "validations"
@@ -80,10 +80,7 @@ def write_record(record: dict[str, Any], root: Path | None = None) -> Path:
     path = record_path(record, root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".record-", suffix=".part")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     except OSError as e:
         raise ForgeError(f"cannot write the validation record {path}: {e.strerror or e}",
                          "set VLLM_FORGE_USER_DATA_DIR to a writable directory") from None
