@@ -34,13 +34,16 @@ NO_GITHUB = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "url.http://127.0.0.1:
              "GIT_CONFIG_VALUE_0": "https://github.com/", "VLLM_FLASH_ATTN_SRC_DIR": ""}
 
 
-def one_error(r: subprocess.CompletedProcess[str]) -> str:
-    """The one error line of a refused command (exit 2, no traceback), `<what> -- <what to do>`."""
+def one_error(r: subprocess.CompletedProcess[str], *parts: str) -> str:
+    """The one error line of a refused command (exit 2, no traceback), `<what> -- <what to do>`, holding
+    each of parts."""
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("vllm-forge: error:")]
     assert len(errors) == 1, r.stderr
     assert " -- " in errors[0], errors[0]
+    for part in parts:
+        assert part in errors[0], errors[0]
     return errors[0]
 
 

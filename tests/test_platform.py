@@ -11,15 +11,9 @@ import pytest
 from packaging.utils import parse_wheel_filename
 
 from conftest import copy_data, drop_series, run_cli
+from test_hostile import one_error
 from vllm_forge.pins import data_dir, load_pins
 from vllm_forge.verify import STAMP
-
-
-def one_line_error(stderr: str, *parts: str) -> None:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("vllm-forge: error: ")]
-    assert len(lines) == 1 and " -- " in lines[0], stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 def test_every_release_pins_its_aarch64_wheel() -> None:
@@ -49,7 +43,7 @@ def test_aarch64_refused_where_its_python_differs(tmp_path: Path) -> None:
     r = run_cli("build", "--vllm", "0.22.1", "--platform", "aarch64", "--out", str(tmp_path / "out"),
                 env={"VLLM_FORGE_DATA_DIR": str(data)})
     assert r.returncode == 2
-    one_line_error(r.stderr, "vLLM 0.22.1 cannot be forged: 1 Python file(s) of its aarch64 wheel differ",
+    one_error(r, "vLLM 0.22.1 cannot be forged: 1 Python file(s) of its aarch64 wheel differ",
                    "flash_attn.py")
     assert not (tmp_path / "out").exists()
 
@@ -83,10 +77,10 @@ def test_aarch64_forge_and_verify(tmp_path: Path) -> None:
     assert "identical to a rebuild from the pinned inputs" in r.stdout
     r = run_cli("verify", "--platform", "x86_64", "--quick", str(wheel))
     assert r.returncode == 2
-    one_line_error(r.stderr, "built for --platform aarch64, not x86_64")
+    one_error(r, "built for --platform aarch64, not x86_64")
     r = run_cli("lock", "--platform", "x86_64", str(wheel), "--out", str(tmp_path / "lock.txt"))
     assert r.returncode == 2 and not (tmp_path / "lock.txt").exists()
-    one_line_error(r.stderr, "is a aarch64 wheel, not x86_64")
+    one_error(r, "is a aarch64 wheel, not x86_64")
 
 
 @pytest.mark.network
@@ -120,7 +114,7 @@ def test_pin_ports_the_nearest_series_then_build_asks_for_validation(tmp_path: P
     assert all(e["validation"] is None for e in entry.values())
     r = run_cli("build", "--vllm", "0.25.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2 and not (tmp_path / "out").exists()
-    one_line_error(r.stderr, "series 2c839c3", "is not GPU-validated", "run `vllm-forge validate`")
+    one_error(r, "series 2c839c3", "is not GPU-validated", "run `vllm-forge validate`")
 
 
 @pytest.mark.network
@@ -131,7 +125,7 @@ def test_pin_conflict_and_bad_input_write_nothing(tmp_path: Path) -> None:
     env = {"VLLM_FORGE_DATA_DIR": str(data), "VLLM_FORGE_USER_DATA_DIR": str(user)}
     r = run_cli("pin", "0.33.0", "--conflicts", str(tmp_path / "conflicts"), env=env)
     assert r.returncode == 2 and not user.exists()
-    one_line_error(r.stderr, "refresh conflict porting series 506341a to flash-attention b273a02",
+    one_error(r, "refresh conflict porting series 506341a to flash-attention b273a02",
                    "0002-sm90-hd512-split-qk-head-dim.patch: flash_attn/cute/flash_fwd_sm90.py", "nothing was written")
     assert "<<<<<<<" in (tmp_path / "conflicts" / "0002-sm90-hd512-split-qk-head-dim.patch"
                          / "flash_fwd_sm90.py").read_text()
@@ -139,7 +133,7 @@ def test_pin_conflict_and_bad_input_write_nothing(tmp_path: Path) -> None:
                       ("1.0rc1", "is not a vLLM release version")):
         r = run_cli("pin", bad, env=env)
         assert r.returncode == 2 and not user.exists(), bad
-        one_line_error(r.stderr, what)
+        one_error(r, what)
 
 
 def test_malformed_user_pins_named(tmp_path: Path) -> None:
@@ -150,12 +144,12 @@ def test_malformed_user_pins_named(tmp_path: Path) -> None:
     (user / "pins.json").write_text(json.dumps({"schema": 1, "vllm": {"0.33.0": {**entry, "wheel": "../evil.whl"}}}))
     r = run_cli("build", "--vllm", "0.19.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2 and not (tmp_path / "out").exists()
-    one_line_error(r.stderr, f"with the user pins {user / 'pins.json'}", "'../evil.whl' is not a file name",
+    one_error(r, f"with the user pins {user / 'pins.json'}", "'../evil.whl' is not a file name",
                    f"or remove {user / 'pins.json'}")
     (user / "pins.json").write_text("{")
     r = run_cli("build", "--vllm", "0.19.1", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2 and not (tmp_path / "out").exists()
-    one_line_error(r.stderr, "cannot read the user pins")
+    one_error(r, "cannot read the user pins")
 
 
 def test_lock_resolves_for_the_wheels_platform(monkeypatch: pytest.MonkeyPatch) -> None:

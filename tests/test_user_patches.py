@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import real_wheel, run_cli
+from test_hostile import one_error
 from vllm_forge.user_patches import apply_user_series, load_user_series, release_files
 from vllm_forge.verify import STAMP
 
@@ -22,13 +23,6 @@ EDIT = ("        if current_platform.is_device_capability(90):\n"
         "            return max(default_block_size, 64)\n")
 
 pytestmark = pytest.mark.network
-
-
-def one_line_error(stderr: str, *parts: str) -> None:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("vllm-forge: error: ")]
-    assert len(lines) == 1 and " -- " in lines[0], stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 def edited_tree(root: Path, version: str, edit: tuple[str, str]) -> Path:
@@ -80,7 +74,7 @@ def test_user_patch_forged_verified_and_carried_two_releases(tmp_path: Path) -> 
     real_wheel("0.25.1")
     r = run_cli("build", "--vllm", "0.25.1", "--patches", str(tmp_path / "p0221"), "--out", str(tmp_path / "o2"))
     assert r.returncode == 2 and not (tmp_path / "o2").exists()
-    one_line_error(r.stderr, f"were made on {FILE} sha256 {us.bases[FILE][:12]}", "vllm-forge refresh --patches")
+    one_error(r, f"were made on {FILE} sha256 {us.bases[FILE][:12]}", "vllm-forge refresh --patches")
 
 
 def test_user_patch_conflict_writes_nothing(tmp_path: Path) -> None:
@@ -93,14 +87,14 @@ def test_user_patch_conflict_writes_nothing(tmp_path: Path) -> None:
     r = run_cli("refresh", "--patches", str(tmp_path / "p"), "--from", "0.23.0", "--to", "0.24.0",
                 "--out", str(tmp_path / "ported"), "--conflicts", str(tmp_path / "conflicts"))
     assert r.returncode == 2 and not (tmp_path / "ported").exists()
-    one_line_error(r.stderr, "refresh conflict porting", f"0001-vllm-v1-attention-backends-flash-attn.patch: {FILE} "
+    one_error(r, "refresh conflict porting", f"0001-vllm-v1-attention-backends-flash-attn.patch: {FILE} "
                    "1 hunk(s) at merged lines", "nothing was written")
     assert "<<<<<<< new" in next((tmp_path / "conflicts").rglob("flash_attn.py")).read_text()
     same = edited_tree(tmp_path / "same", "0.23.0", ("", ""))  # the release's file, unedited
     for tree_arg, what in ((tmp_path / "nothing", "has no vllm/ directory"), (same, "no .py file under")):
         r = run_cli("export", "--vllm", "0.23.0", "--tree", str(tree_arg), "--out", str(tmp_path / "e"))
         assert r.returncode == 2 and not (tmp_path / "e").exists()
-        one_line_error(r.stderr, what)
+        one_error(r, what)
     r = run_cli("build", "--vllm", "0.23.0", "--patches", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and not (tmp_path / "o").exists()
-    one_line_error(r.stderr, "is not a directory")
+    one_error(r, "is not a directory")
