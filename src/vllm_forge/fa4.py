@@ -11,7 +11,6 @@ from __future__ import annotations
 import configparser
 import hashlib
 import http.client
-import itertools
 import os
 import re
 import shutil
@@ -259,13 +258,7 @@ def from_wheel(pin: FaPin | FaTarget, index: Callable[[], Index], project: str) 
             remote = source
             zf = open_zip(remote, f"{wm.wheel} (by range requests from the index)",  # type: ignore[arg-type]
                           "the index serves a damaged file; check --index-url")
-            members = [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)]
-            if members:
-                ends = sorted(zf.infolist(), key=lambda i: i.header_offset)
-                nxt = {a.header_offset: b.header_offset for a, b in itertools.pairwise(ends)}
-                start = min(i.header_offset for i in members)
-                end = max(nxt.get(i.header_offset, remote.size) for i in members)
-                remote.prefetch(start, end)
+            remote.prefetch_members(zf, [i for i in zf.infolist() if i.filename.startswith(wm.cute_dir)])
             fetched = f", {remote.fetched / 1e6:.1f} MB fetched by range requests"
     tree: Tree = {}
     with zf:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -318,6 +320,15 @@ class RemoteFile(io.RawIOBase):
                                  "check --index-url")
             self._span = (start, data)
         self.fetched += len(self._span[1])
+
+    def prefetch_members(self, zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]) -> None:
+        """Fetch in one request the span of the archive that holds these members: from the first one's
+        local header to the end of the last one's data (the next member's header, or the file's end)."""
+        if not members:
+            return
+        nxt = dict(itertools.pairwise(sorted(i.header_offset for i in zf.infolist())))
+        self.prefetch(min(i.header_offset for i in members),
+                      max(nxt.get(i.header_offset, self.size) for i in members))
 
     def readable(self) -> bool:
         return True

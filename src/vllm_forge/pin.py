@@ -15,7 +15,6 @@ shipped pins (pins.load_pins); scripts/pin_releases.py runs the same code over t
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -93,14 +92,12 @@ def _read_members(index: Index, wheel: str, sha: str, kind: str, pick: Any) -> P
     remote = index.open_remote(PROJECT, wheel, sha)
     zf = zipfile.ZipFile(remote)  # type: ignore[arg-type]
     infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
-    nxt = {a.header_offset: b.header_offset for a, b in itertools.pairwise(infos)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as out:
             for group in filter(None, pick(infos)):  # one request per contiguous span
-                remote.prefetch(min(i.header_offset for i in group),
-                                max(nxt.get(i.header_offset, remote.size) for i in group))
+                remote.prefetch_members(zf, group)
                 for i in group:
                     out.writestr(i.filename, zf.read(i))
         os.replace(tmp, path)
